@@ -1,0 +1,104 @@
+"""CLIP: the frozen text/image embedding model every other stage is conditioned on.
+
+Variants: tiny (tests), shapes (CPU demo, trained from scratch on `shapes`),
+paper (the paper's ViT-H/16, 1024-d, never released), karlo (OpenAI ViT-L/14, 768-d,
+what Karlo and the public reproductions use; load it with `convert`).
+"""
+
+import ml_collections
+
+from unclip_jax.config import optim_block, train_block, unknown_variant
+
+VARIANTS = ("tiny", "shapes", "paper", "karlo")
+
+
+def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
+    """The CLIP config for variant `arg`."""
+    if arg not in VARIANTS:
+        raise unknown_variant(arg, VARIANTS, stage="clip")
+    c = ml_collections.ConfigDict()
+    c.stage = "clip"
+    c.variant = arg
+    c.model = dict(
+        embed_dim=128,
+        vocab_size=2048,
+        context_length=32,
+        text_width=128,
+        text_layers=4,
+        text_heads=4,
+        image_size=64,
+        patch_size=8,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+    )
+    c.data = dict(dataset="shapes", resolution=64, data_dir="")
+    c.train = train_block(steps=5_000, batch_size=128, checkpoint_every=1_000, log_every=50)
+    c.optim = optim_block(
+        lr=5e-4,
+        warmup_steps=500,
+        schedule="cosine",
+        b2=0.98,
+        eps=1e-6,
+        weight_decay=0.1,
+        ema_decay=0.0,
+    )
+    if arg == "tiny":
+        c.model.update(
+            embed_dim=16,
+            vocab_size=256,
+            context_length=16,
+            text_width=32,
+            text_layers=1,
+            text_heads=2,
+            image_size=16,
+            patch_size=8,
+            vision_width=32,
+            vision_layers=1,
+            vision_heads=2,
+        )
+        c.data.resolution = 16
+        c.train.update(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
+    elif arg == "paper":
+        # Section 2 / Appendix C: ViT-H/16 image encoder, 1024-d embeddings. Tower sizes follow
+        # the ViT-H recipe (OpenCLIP ViT-H: width 1280, 32 layers; text 1024 x 24).
+        c.model.update(
+            embed_dim=1024,
+            vocab_size=49408,
+            context_length=77,
+            text_width=1024,
+            text_layers=24,
+            text_heads=16,
+            image_size=256,
+            patch_size=16,
+            vision_width=1280,
+            vision_layers=32,
+            vision_heads=16,
+        )
+        c.data.update(dataset="image_text", resolution=256)
+        c.train.update(steps=400_000, batch_size=32_768, checkpoint_every=5_000, log_every=100)
+    elif arg == "karlo":
+        # OpenAI CLIP ViT-L/14 (openai/clip-vit-large-patch14), the text tower Karlo uses.
+        c.model.update(
+            embed_dim=768,
+            vocab_size=49408,
+            context_length=77,
+            text_width=768,
+            text_layers=12,
+            text_heads=12,
+            image_size=224,
+            patch_size=14,
+            vision_width=1024,
+            vision_layers=24,
+            vision_heads=16,
+        )
+        c.data.update(dataset="image_text", resolution=224)
+        c.train.update(steps=400_000, batch_size=32_768, checkpoint_every=5_000, log_every=100)
+    return c
+
+
+def sweep():
+    """Learning rate x weight decay, on top of the chosen variant."""
+    for lr in (3e-4, 5e-4, 1e-3):
+        for wd in (0.05, 0.1):
+            yield {"optim.lr": lr, "optim.weight_decay": wd}

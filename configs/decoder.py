@@ -1,0 +1,122 @@
+"""The 64x64 decoder P(x | z_i, y): GLIDE's ADM U-Net conditioned on the CLIP image embedding.
+
+Variants: tiny (tests), shapes (CPU demo), paper (Table 3's 3.5B decoder), karlo (Karlo's
+decoder in diffusers layout, for weight import).
+"""
+
+import ml_collections
+
+from unclip_jax.config import (
+    diffusion_block,
+    optim_block,
+    sampling_block,
+    train_block,
+    unknown_variant,
+)
+
+VARIANTS = ("tiny", "shapes", "paper", "karlo")
+
+
+def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
+    """The decoder config for variant `arg`."""
+    if arg not in VARIANTS:
+        raise unknown_variant(arg, VARIANTS, stage="decoder")
+    c = ml_collections.ConfigDict()
+    c.stage = "decoder"
+    c.variant = arg
+    c.model = dict(
+        resolution=64,
+        channels=64,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=2,
+        attention_resolutions=(16, 8),
+        head_channels=32,
+        dropout=0.1,
+        clip_dim=128,
+        num_context_tokens=4,  # z_i projected into this many extra attention tokens
+        # The caption encoder [open]: "transformer" (GLIDE's own) or "clip" (Karlo: the
+        # frozen CLIP text encoder's hidden states, normalised and projected).
+        text_encoder="transformer",
+        text_width=128,
+        text_layers=2,
+        text_heads=4,
+        text_tokens=32,
+        vocab_size=2048,
+    )
+    # Guidance training (Section 2.1): z_i replaced by a learned embedding 10% of the time,
+    # the caption dropped 50% of the time, independently.
+    c.guidance = dict(clip_drop_prob=0.1, text_drop_prob=0.5)
+    # Learned sigma with the hybrid loss L_simple + 0.001 L_vlb, cosine, 1000 steps.
+    c.diffusion = diffusion_block(variance="learned_range", loss="hybrid", vlb_weight=0.001)
+    c.sampling = sampling_block(steps="50", method="ddpm", guidance_scale=3.0)
+    c.data = dict(dataset="shapes", resolution=64, data_dir="", embeddings_dir="")
+    c.train = train_block(steps=20_000, batch_size=64, checkpoint_every=1_000, log_every=50)
+    c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
+    if arg == "tiny":
+        c.model.update(
+            resolution=16,
+            channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(8,),
+            head_channels=8,
+            clip_dim=16,
+            text_width=16,
+            text_layers=1,
+            text_heads=2,
+            text_tokens=16,
+            vocab_size=256,
+        )
+        c.data.resolution = 16
+        c.sampling.steps = "4"
+        c.train.update(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
+    elif arg == "paper":
+        # Table 3 / Appendix C: 3.5B; 512 channels, 3 res blocks, mult 1,2,3,4, attention at
+        # 32,16,8 with 64 channels per head, dropout 0.1; batch 2048, 800K steps, lr 1.2e-4,
+        # EMA 0.9999; 250 strided sampling steps; guidance 1.25 for the MS-COCO FID.
+        c.model.update(
+            channels=512,
+            num_res_blocks=3,
+            attention_resolutions=(32, 16, 8),
+            head_channels=64,
+            clip_dim=1024,
+            text_width=2048,
+            text_layers=16,
+            text_heads=32,
+            text_tokens=128,
+            vocab_size=50257,
+        )
+        c.sampling.update(steps="250", guidance_scale=1.25)
+        c.data.dataset = "image_text"
+        c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)
+        c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+    elif arg == "karlo":
+        # kakaobrain/karlo-v1-alpha decoder (diffusers UNet2DConditionModel + text_proj):
+        # 320,640,960,1280 channels, 3 layers per block, attention at 32,16,8 with head dim 64,
+        # z_i into the time embedding and 4 context tokens; CLIP ViT-L/14 text states;
+        # learned-range variance; 25 steps, guidance 8.0.
+        c.model.update(
+            channels=320,
+            num_res_blocks=3,
+            attention_resolutions=(32, 16, 8),
+            head_channels=64,
+            clip_dim=768,
+            text_encoder="clip",
+            text_width=768,
+            text_layers=12,
+            text_heads=12,
+            text_tokens=77,
+            vocab_size=49408,
+        )
+        c.sampling.update(steps="25", guidance_scale=8.0)
+        c.data.dataset = "image_text"
+        c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)
+        c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+    return c
+
+
+def sweep():
+    """Learning rate x dropout, on top of the chosen variant."""
+    for lr in (1e-4, 3e-4):
+        for dropout in (0.0, 0.1):
+            yield {"optim.lr": lr, "model.dropout": dropout}

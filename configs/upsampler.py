@@ -1,0 +1,95 @@
+"""The diffusion upsamplers: 64->256 and 256->1024, unconditional on text, no attention.
+
+Variants: tiny (tests, 8->16), shapes (CPU demo, 64->128), paper (Table 3's 64->256),
+paper_1024 (Table 3's 256->1024), karlo (Karlo's super-res 64->256, diffusers layout).
+They train on random crops of 1/4 of the target size and run on whole images.
+"""
+
+import ml_collections
+
+from unclip_jax.config import (
+    diffusion_block,
+    optim_block,
+    sampling_block,
+    train_block,
+    unknown_variant,
+)
+
+VARIANTS = ("tiny", "shapes", "paper", "paper_1024", "karlo")
+
+
+def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
+    """The upsampler config for variant `arg`."""
+    if arg not in VARIANTS:
+        raise unknown_variant(arg, VARIANTS, stage="upsampler")
+    c = ml_collections.ConfigDict()
+    c.stage = "upsampler"
+    c.variant = arg
+    c.model = dict(
+        low_resolution=64,
+        resolution=128,
+        channels=64,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=2,
+        dropout=0.1,
+    )
+    # The low-res input is corrupted in training: "blur" (Gaussian, kernel 3, sigma 0.6; the
+    # first stage) or "bsr" (random blur, resize and noise; the second stage).
+    c.degradation = dict(kind="blur", blur_kernel=3, blur_sigma=0.6)
+    c.train_crop = 32  # train on random crops of 1/4 of the target size (paper, Section C)
+    c.diffusion = diffusion_block(schedule="cosine")
+    c.sampling = sampling_block(steps="ddim27", method="ddim")
+    c.data = dict(dataset="shapes", data_dir="")
+    c.train = train_block(steps=20_000, batch_size=32, checkpoint_every=1_000, log_every=50)
+    c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
+    if arg == "tiny":
+        c.model.update(
+            low_resolution=8, resolution=16, channels=16, channel_mult=(1, 2), num_res_blocks=1
+        )
+        c.train_crop = 8
+        c.sampling.steps = "ddim4"
+        c.train.update(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
+    elif arg == "paper":
+        # Table 3, 64->256: cosine, 320 channels, depth 3, mult 1,2,3,4, dropout 0.1, 700M;
+        # DDIM 27 steps; Gaussian blur corruption.
+        c.model.update(low_resolution=64, resolution=256, channels=320, num_res_blocks=3)
+        c.train_crop = 64
+        c.data.dataset = "image_text"
+        c.train.update(steps=1_000_000, batch_size=1024, checkpoint_every=5_000, log_every=100)
+        c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+    elif arg == "paper_1024":
+        # Table 3, 256->1024: linear schedule, 192 channels, depth 2, mult 1,1,2,2,4,4, 300M;
+        # DDIM 15 steps; BSR degradation.
+        c.model.update(
+            low_resolution=256,
+            resolution=1024,
+            channels=192,
+            channel_mult=(1, 1, 2, 2, 4, 4),
+            num_res_blocks=2,
+        )
+        c.degradation.kind = "bsr"
+        c.train_crop = 256
+        c.diffusion.schedule = "linear"
+        c.sampling.steps = "ddim15"
+        c.data.dataset = "image_text"
+        c.train.update(steps=1_000_000, batch_size=512, checkpoint_every=5_000, log_every=100)
+        c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+    elif arg == "karlo":
+        # kakaobrain/karlo-v1-alpha super_res_first/last (diffusers UNet2DModel, in 6 / out 3):
+        # 320,640,960,1280 channels, 3 layers per block, no attention; 7 steps.
+        c.model.update(
+            low_resolution=64, resolution=256, channels=320, num_res_blocks=3, dropout=0.0
+        )
+        c.train_crop = 64
+        c.sampling.update(steps="7", method="ddpm")
+        c.data.dataset = "image_text"
+        c.train.update(steps=1_000_000, batch_size=1024, checkpoint_every=5_000, log_every=100)
+        c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+    return c
+
+
+def sweep():
+    """Learning rate x degradation strength, on top of the chosen variant."""
+    for lr in (1e-4, 3e-4):
+        for sigma in (0.4, 0.6):
+            yield {"optim.lr": lr, "degradation.blur_sigma": sigma}

@@ -1,0 +1,162 @@
+"""Training losses: the MSE targets, the VLB against numpy, the hybrid loss's gradients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from unclip_jax import diffusion as D
+
+SCHED = D.make_schedule("cosine", 1000)
+
+
+def _case(step, batch=3, dim=5, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    # Data on the 256-level grid in [-1, 1], as images are.
+    x0 = jnp.round(jax.random.uniform(keys[0], (batch, dim), minval=-1, maxval=1) * 127.5) / 127.5
+    noise = jax.random.normal(keys[1], (batch, dim))
+    t = jnp.full((batch,), step, jnp.int32)
+    x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=SCHED)
+    pred = jax.random.normal(keys[2], (batch, dim))  # an (imperfect) eps prediction
+    var_values = jax.random.uniform(keys[3], (batch, dim), minval=-1, maxval=1)
+    return x0, noise, t, x_t, pred, var_values
+
+
+def _numpy_vlb(step, x0, x_t, pred, var_values):
+    """L_t in bits/dim, from scratch in float64."""
+    x0, x_t, eps_hat, v = (np.asarray(a, np.float64) for a in (x0, x_t, pred, var_values))
+    betas = D.cosine_betas(1000)
+    abar = np.cumprod(1 - betas)
+    a_t = abar[step]
+    a_prev = abar[step - 1] if step > 0 else 1.0
+    beta = betas[step]
+
+    def post_mean(x_start):
+        return (np.sqrt(a_prev) * beta * x_start + np.sqrt(1 - beta) * (1 - a_prev) * x_t) / (
+            1 - a_t
+        )
+
+    post_var = beta * (1 - a_prev) / (1 - a_t)
+    post_var_clipped = post_var if step > 0 else betas[1] * (1 - abar[0]) / (1 - abar[1])
+    log_var = (v + 1) / 2 * np.log(beta) + (1 - (v + 1) / 2) * np.log(post_var_clipped)
+    x0_hat = (x_t - np.sqrt(1 - a_t) * eps_hat) / np.sqrt(a_t)
+    mean_p = post_mean(x0_hat)
+    if step > 0:
+        # KL of two Gaussians: log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2.
+        var_p = np.exp(log_var)
+        kl = (
+            0.5 * np.log(var_p / post_var)
+            + (post_var + (post_mean(x0) - mean_p) ** 2) / (2 * var_p)
+            - 0.5
+        )
+        return kl.mean(axis=1) / math.log(2)
+    sd = np.exp(0.5 * log_var)
+    upper = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
+    lower = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
+    prob = norm.cdf((upper - mean_p) / sd) - norm.cdf((lower - mean_p) / sd)
+    return -np.log(prob).mean(axis=1) / math.log(2)
+
+
+@pytest.mark.parametrize("step", [1, 7, 300, 999])
+def test_vlb_kl_term_matches_numpy(step):
+    x0, _, t, x_t, pred, var_values = _case(step)
+    log_var = D.model_log_variance(
+        variance="learned_range", var_values=var_values, x_t=x_t, t=t, sched=SCHED
+    )
+    got = D.vlb_term(
+        pred=pred, log_variance=log_var, x0=x0, x_t=x_t, t=t, sched=SCHED, prediction="eps"
+    )
+    np.testing.assert_allclose(got, _numpy_vlb(step, x0, x_t, pred, var_values), rtol=2e-3)
+
+
+def test_vlb_decoder_nll_at_t0_matches_numpy():
+    x0, _, t, x_t, _, var_values = _case(0, batch=4, dim=64)
+    pred = (x_t - jnp.sqrt(SCHED.alphas_cumprod[0]) * (x0 + 0.004)) / jnp.sqrt(
+        1 - SCHED.alphas_cumprod[0]
+    )
+    log_var = D.model_log_variance(
+        variance="learned_range", var_values=var_values, x_t=x_t, t=t, sched=SCHED
+    )
+    got = D.vlb_term(
+        pred=pred, log_variance=log_var, x0=x0, x_t=x_t, t=t, sched=SCHED, prediction="eps"
+    )
+    # improved DDPM's tanh approximation of the normal CDF is good to ~1e-3 relative here.
+    np.testing.assert_allclose(got, _numpy_vlb(0, x0, x_t, pred, var_values), rtol=1e-2)
+
+
+@pytest.mark.parametrize("prediction", D.PREDICTIONS)
+def test_a_perfect_prediction_has_zero_mse(prediction):
+    x0, noise, t, x_t, _, _ = _case(400)
+    target = D.training_target(prediction=prediction, x0=x0, eps=noise, t=t, sched=SCHED)
+    out = D.diffusion_loss(
+        output=target,
+        x0=x0,
+        x_t=x_t,
+        noise=noise,
+        t=t,
+        sched=SCHED,
+        prediction=prediction,
+        variance="fixed_small",
+    )
+    np.testing.assert_allclose(out["loss"], 0.0, atol=1e-10)
+    off = D.diffusion_loss(
+        output=target + 0.5,
+        x0=x0,
+        x_t=x_t,
+        noise=noise,
+        t=t,
+        sched=SCHED,
+        prediction=prediction,
+        variance="fixed_small",
+    )
+    np.testing.assert_allclose(off["mse"], 0.25, rtol=1e-5)
+
+
+def test_hybrid_loss_is_mse_plus_weighted_vlb_and_vlb_trains_only_the_variance():
+    x0, noise, t, x_t, pred, var_values = _case(250)
+    output = jnp.concatenate([pred, var_values], axis=-1)
+    kw = dict(
+        x0=x0,
+        x_t=x_t,
+        noise=noise,
+        t=t,
+        sched=SCHED,
+        prediction="eps",
+        variance="learned_range",
+        loss="hybrid",
+        vlb_weight=0.001,
+    )
+    out = D.diffusion_loss(output=output, **kw)
+    # lambda N L_t with lambda = 0.001 and N = 1000 is L_t itself.
+    np.testing.assert_allclose(out["loss"], out["mse"] + out["vlb"], rtol=1e-6)
+    vlb_grad = jax.grad(lambda o: D.diffusion_loss(output=o, **kw)["vlb"].sum())(output)
+    mean_grad, var_grad = jnp.split(vlb_grad, 2, axis=-1)
+    np.testing.assert_array_equal(mean_grad, 0.0)  # the mean is under stop-gradient
+    assert float(jnp.abs(var_grad).max()) > 0
+
+
+def test_hybrid_loss_needs_a_learned_variance():
+    x0, noise, t, x_t, pred, _ = _case(1)
+    with pytest.raises(ValueError, match="learned_range"):
+        D.diffusion_loss(
+            output=pred,
+            x0=x0,
+            x_t=x_t,
+            noise=noise,
+            t=t,
+            sched=SCHED,
+            prediction="eps",
+            variance="fixed_small",
+            loss="hybrid",
+        )
+
+
+def test_timestep_bucket_means_average_per_quarter_and_mark_empty_ones():
+    t = jnp.array([0, 100, 260, 600, 620])
+    values = jnp.array([1.0, 3.0, 5.0, 7.0, 9.0])
+    got = np.asarray(D.timestep_bucket_means(values, t, num_steps=1000, num_buckets=4))
+    np.testing.assert_allclose(got[:3], [2.0, 5.0, 8.0])
+    assert np.isnan(got[3])

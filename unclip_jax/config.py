@@ -1,0 +1,367 @@
+"""Stage configs: load `configs/<stage>.py:<variant>`, apply dotted overrides, expand sweeps.
+
+A config file is an ml_collections file (it also works with `ml_collections.config_flags`):
+it defines `get_config(arg)` returning a ConfigDict for a named variant, and `sweep()`
+yielding dicts of dotted overrides. Everything a user can mistype gets one `ConfigError`
+that names the mistyped thing and lists what would have been valid.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Every stage config has these fields; the training loop and launch tools rely on them.
+SHARED_TRAIN_FIELDS = ("steps", "batch_size", "seed", "checkpoint_every", "log_every")
+
+
+class ConfigError(ValueError):
+    """A config file, variant, key or value that cannot be used, named in the message."""
+
+
+def unknown_variant(arg: str, variants: Iterable[str], *, stage: str) -> ConfigError:
+    """The error a config file's `get_config` raises for a variant it does not define."""
+    valid = ", ".join(sorted(variants))
+    return ConfigError(f"unknown {stage} config variant {arg!r}; valid variants: {valid}")
+
+
+def _import_config_module(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10]
+    spec = importlib.util.spec_from_file_location(f"_unclip_config_{digest}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(arg)")
+    return module
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """'configs/decoder.py:tiny' -> ('configs/decoder.py', 'tiny'); no ':' -> default variant."""
+    path, sep, arg = spec.partition(":")
+    return path, (arg if sep else None)
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Loads `path[:variant]` and returns the variant's config, locked against new keys."""
+    path, arg = _split_spec(spec)
+    module = _import_config_module(path)
+    config = module.get_config() if arg is None else module.get_config(arg)
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    config.lock()
+    validate_config(config)
+    return config
+
+
+def _valid_keys_message(node: ConfigDict, prefix: str) -> str:
+    keys = sorted(node.keys())
+    where = f" under {prefix!r}" if prefix else ""
+    return f"valid keys{where}: {', '.join(keys)}"
+
+
+def _resolve(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:
+    """The ConfigDict that holds dotted `key`, and the leaf name; ConfigError if unknown."""
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not isinstance(node, ConfigDict):
+            raise ConfigError(f"unknown config key {key!r}: {prefix!r} is a value, not a group")
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = f" (did you mean {'.'.join([*parts[:depth], close[0]])!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {key!r}{hint}; {_valid_keys_message(node, prefix)}"
+            )
+        if depth == len(parts) - 1:
+            return node, part
+        node = node[part]
+    raise AssertionError("unreachable")
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(key: str, current: Any, value: Any) -> Any:
+    """`value` converted to the type of the field's current value, or ConfigError."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key {key!r} expects {expected}, got {value!r}")
+
+    if isinstance(current, ConfigDict):
+        raise ConfigError(
+            f"config key {key!r} is a group; override its fields instead "
+            f"({_valid_keys_message(current, key)})"
+        )
+    if current is None:
+        # An optional field: strings are parsed as Python literals where they are one.
+        if isinstance(value, str):
+            try:
+                return ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                return value
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad("a bool (true/false)")
+    if isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = None
+                if as_float is not None and as_float.is_integer():
+                    return int(as_float)
+        raise bad("an int")
+    if isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a float")
+    if isinstance(current, str):
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    if isinstance(current, (tuple, list)):
+        parsed = value
+        if isinstance(value, str):
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise bad("a tuple such as (1, 2, 3)") from None
+            if not isinstance(parsed, (tuple, list)):
+                parsed = (parsed,)
+        if not isinstance(parsed, (tuple, list)):
+            raise bad("a tuple")
+        return type(current)(parsed)
+    return value
+
+
+# Fields with a closed set of values, wherever a config has them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "diffusion.schedule": ("cosine", "linear"),
+    "diffusion.prediction": ("eps", "x0", "v"),
+    "diffusion.variance": ("fixed_small", "fixed_large", "learned_range"),
+    "diffusion.loss": ("mse", "hybrid"),
+    "sampling.method": ("ddpm", "ddim"),
+    "optim.schedule": ("constant", "cosine"),
+}
+
+
+def validate_config(config: ConfigDict) -> None:
+    """Raises ConfigError for a value outside its field's choices or a shared field missing."""
+    for key, choices in CHOICES.items():
+        head, _, leaf = key.partition(".")
+        if head in config and leaf in config[head] and config[head][leaf] not in choices:
+            raise ConfigError(
+                f"config key {key!r} is {config[head][leaf]!r}; valid values: {', '.join(choices)}"
+            )
+    missing = [f for f in SHARED_TRAIN_FIELDS if "train" not in config or f not in config.train]
+    if missing:
+        raise ConfigError(
+            f"config has no train.{missing[0]} (every stage needs train.{{{', '.join(SHARED_TRAIN_FIELDS)}}})"
+        )
+    if "diffusion" in config:
+        loss, variance = config.diffusion.get("loss"), config.diffusion.get("variance")
+        if (loss == "hybrid") != (variance == "learned_range"):
+            raise ConfigError(
+                f"config keys 'diffusion.loss' ({loss!r}) and 'diffusion.variance' "
+                f"({variance!r}) disagree: the 'hybrid' loss is what trains a "
+                "'learned_range' variance, so set both or neither"
+            )
+
+
+def apply_overrides(config: ConfigDict, overrides: Mapping[str, Any]) -> ConfigDict:
+    """Returns a copy of `config` with dotted `overrides` applied, each checked and typed.
+
+    Values may be Python values (from `sweep()`) or strings (from the command line); strings
+    are parsed to the type of the field they replace.
+    """
+    config = ConfigDict(config.to_dict())  # a copy: the caller's config stays as it was
+    for key, value in overrides.items():
+        parent, leaf = _resolve(config, key)
+        coerced = _coerce(key, parent[leaf], value)
+        with parent.ignore_type():
+            parent[leaf] = coerced
+    config.lock()
+    validate_config(config)
+    return config
+
+
+def parse_override_args(args: Sequence[str], *, flag: str = "config") -> dict[str, str]:
+    """Parses `--config.a.b=v` / `--config.a.b v` arguments into {'a.b': 'v'}.
+
+    Raises ConfigError for any argument that is not such an override.
+    """
+    prefix = f"--{flag}."
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith(prefix):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like {prefix}KEY=VALUE")
+        body = arg[len(prefix) :]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(args):
+            key, value = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {arg!r} has no value")
+        if not key:
+            raise ConfigError(f"override {arg!r} names no key")
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ConfigDict:
+    """Loads `path[:variant]` and applies dotted overrides (strings or Python values)."""
+    config = load_config_file(spec)
+    return apply_overrides(config, overrides or {})
+
+
+def sweep_overrides(spec: str) -> list[dict[str, Any]]:
+    """The override dicts the config file's `sweep()` yields (each checked against the config)."""
+    path, _ = _split_spec(spec)
+    module = _import_config_module(path)
+    if not hasattr(module, "sweep"):
+        raise ConfigError(f"config file {path!r} defines no sweep()")
+    points = [dict(point) for point in module.sweep()]
+    base = load_config_file(spec)
+    for point in points:
+        apply_overrides(base, point)  # raises on an unknown key or a wrong type
+    return points
+
+
+def iterate_sweep(spec: str) -> Iterator[tuple[dict[str, Any], ConfigDict]]:
+    """(overrides, config) for every point of the file's sweep, on top of the variant."""
+    base = load_config_file(spec)
+    for point in sweep_overrides(spec):
+        yield point, apply_overrides(base, point)
+
+
+def config_to_json(config: ConfigDict) -> str:
+    """The config as stable, human-readable JSON (tuples become lists)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks the stage config files share, so that every stage spells the same field the same way.
+# ---------------------------------------------------------------------------------------------
+
+
+def train_block(
+    *, steps: int, batch_size: int, seed: int = 0, checkpoint_every: int, log_every: int
+) -> dict[str, Any]:
+    """`train.*`: the fields every stage shares (batch_size is the global batch)."""
+    return dict(
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+    )
+
+
+def optim_block(
+    *,
+    lr: float,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    ema_decay: float = 0.9999,
+) -> dict[str, Any]:
+    """`optim.*`: AdamW with the paper's knobs and the EMA decay."""
+    return dict(
+        lr=lr,
+        warmup_steps=warmup_steps,
+        schedule=schedule,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+    )
+
+
+def diffusion_block(
+    *,
+    schedule: str = "cosine",
+    num_steps: int = 1000,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    loss: str = "mse",
+    vlb_weight: float = 0.001,
+) -> dict[str, Any]:
+    """`diffusion.*`: the forward process and what the model predicts (see unclip_jax.diffusion).
+
+    loss 'hybrid' is L_simple + vlb_weight * L_vlb and needs variance 'learned_range'.
+    """
+    return dict(
+        schedule=schedule,
+        num_steps=num_steps,
+        prediction=prediction,
+        variance=variance,
+        loss=loss,
+        vlb_weight=vlb_weight,
+    )
+
+
+def sampling_block(
+    *,
+    steps: str,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    clip_x0: float = 1.0,
+    dynamic_threshold: float = 0.0,
+) -> dict[str, Any]:
+    """`sampling.*`: respaced steps ('250', 'ddim50', '10,10,5'), sampler, guidance, x0 clip.
+
+    clip_x0 0 disables static clipping; dynamic_threshold is the percentile (e.g. 0.995) of
+    Imagen's dynamic thresholding, 0 to disable.
+    """
+    return dict(
+        steps=steps,
+        method=method,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        clip_x0=clip_x0,
+        dynamic_threshold=dynamic_threshold,
+    )
