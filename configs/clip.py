@@ -7,7 +7,7 @@ what Karlo and the public reproductions use; load it with `convert`).
 
 import ml_collections
 
-from unclip_jax.config import optim_block, train_block, unknown_variant
+from unclip_jax.config import mesh_block, optim_block, train_block, unknown_variant
 
 VARIANTS = ("tiny", "shapes", "paper", "karlo")
 
@@ -34,6 +34,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     )
     c.data = dict(dataset="shapes", resolution=64, data_dir="")
     c.train = train_block(steps=5_000, batch_size=128, checkpoint_every=1_000, log_every=50)
+    c.mesh = mesh_block()
     c.optim = optim_block(
         lr=5e-4,
         warmup_steps=500,

@@ -8,6 +8,7 @@ import ml_collections
 
 from unclip_jax.config import (
     diffusion_block,
+    mesh_block,
     optim_block,
     sampling_block,
     train_block,
@@ -51,6 +52,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling = sampling_block(steps="50", method="ddpm", guidance_scale=3.0)
     c.data = dict(dataset="shapes", resolution=64, data_dir="", embeddings_dir="")
     c.train = train_block(steps=20_000, batch_size=64, checkpoint_every=1_000, log_every=50)
+    c.mesh = mesh_block()
     c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
     if arg == "tiny":
         c.model.update(

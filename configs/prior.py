@@ -9,6 +9,7 @@ import ml_collections
 
 from unclip_jax.config import (
     diffusion_block,
+    mesh_block,
     optim_block,
     sampling_block,
     train_block,
@@ -44,6 +45,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling = sampling_block(steps="64", method="ddpm", guidance_scale=1.0, clip_x0=0.0)
     c.data = dict(dataset="shapes", embeddings_dir="")
     c.train = train_block(steps=20_000, batch_size=256, checkpoint_every=1_000, log_every=50)
+    c.mesh = mesh_block()
     c.optim = optim_block(
         lr=3e-4, warmup_steps=500, weight_decay=0.06, b2=0.96, eps=1e-6, ema_decay=0.999
     )

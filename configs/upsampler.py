@@ -9,6 +9,7 @@ import ml_collections
 
 from unclip_jax.config import (
     diffusion_block,
+    mesh_block,
     optim_block,
     sampling_block,
     train_block,
@@ -41,6 +42,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling = sampling_block(steps="ddim27", method="ddim")
     c.data = dict(dataset="shapes", data_dir="")
     c.train = train_block(steps=20_000, batch_size=32, checkpoint_every=1_000, log_every=50)
+    c.mesh = mesh_block()
     c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
     if arg == "tiny":
         c.model.update(

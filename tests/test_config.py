@@ -155,3 +155,9 @@ def test_cli_help_lists_the_subcommands():
     assert run.returncode == 0
     for command in COMMANDS:
         assert command.name in run.stdout
+
+
+def test_cli_train_names_an_unregistered_stage(tmp_path):
+    run = _cli("train", "--config", "configs/decoder.py:tiny", "--workdir", str(tmp_path))
+    assert run.returncode == 2
+    assert "no trainable stage 'decoder' is registered" in run.stderr

@@ -55,12 +55,100 @@ def _run_config(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE[:VARIANT]",
+        help="the stage config, e.g. configs/decoder.py:tiny; override fields "
+        "with --config.KEY=VALUE",
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="checkpoints, metrics and logs go here; a workdir with a checkpoint resumes from it",
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="WORKDIR",
+        default=None,
+        help="start from another run's params (a fresh optimizer, step 0); "
+        "same as --config.train.init_from",
+    )
+    group = parser.add_argument_group("multi-process runs")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (TPU pods: no other flag)",
+    )
+    group.add_argument("--coordinator", default=None, help="host:port of process 0 (CPU/GPU)")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
+
+
+def _run_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import logging
+
+    from unclip_jax.parallel import initialize_distributed
+    from unclip_jax.training import CheckpointMismatchError, NonFiniteError, train_and_evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    initialize_distributed(
+        enabled=args.distributed,
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    if args.init_from:
+        overrides = {**overrides, "train.init_from": args.init_from}
+    config = load_config(args.config, overrides)
+    try:
+        train_and_evaluate(config, args.workdir)
+    except (NonFiniteError, CheckpointMismatchError, FileNotFoundError) as err:
+        print(f"unclip-jax train: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="the run to export")
+    parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    parser.add_argument("--ema", action="store_true", help="export the EMA params")
+    parser.add_argument("--out", required=True, metavar="FILE.safetensors")
+
+
+def _run_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from unclip_jax.training import export_params
+
+    if overrides:
+        raise ConfigError("export takes no --config overrides")
+    try:
+        step = export_params(args.workdir, args.out, step=args.step, ema=args.ema)
+    except FileNotFoundError as err:
+        print(f"unclip-jax export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {'EMA ' if args.ema else ''}params of step {step} to {args.out}")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="config",
         help="print a stage config as JSON after overrides (or every point of its sweep)",
         add_args=_add_config_args,
         run=_run_config,
+    ),
+    Command(
+        name="train",
+        help="train a stage from its config (resumes a workdir that has a checkpoint)",
+        add_args=_add_train_args,
+        run=_run_train,
+    ),
+    Command(
+        name="export",
+        help="write a run's params (or EMA params) as one flat safetensors file",
+        add_args=_add_export_args,
+        run=_run_export,
     ),
 )
 

@@ -175,6 +175,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.loss": ("mse", "hybrid"),
     "sampling.method": ("ddpm", "ddim"),
     "optim.schedule": ("constant", "cosine"),
+    "train.compute_dtype": ("float32", "bfloat16"),
 }
 
 
@@ -282,16 +283,38 @@ def config_to_json(config: ConfigDict) -> str:
 
 
 def train_block(
-    *, steps: int, batch_size: int, seed: int = 0, checkpoint_every: int, log_every: int
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    checkpoint_every: int,
+    log_every: int,
+    keep_checkpoints: int = 3,
+    keep_every: int = 0,
+    compute_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """`train.*`: the fields every stage shares (batch_size is the global batch)."""
+    """`train.*`: the fields every stage shares (batch_size is the global batch).
+
+    keep_checkpoints: the last K checkpoints kept; keep_every: every M-th step kept too (0:
+    none); compute_dtype: 'float32' or 'bfloat16' for the forward and backward pass (params
+    stay float32); init_from: another run's workdir to take initial weights from.
+    """
     return dict(
         steps=steps,
         batch_size=batch_size,
         seed=seed,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
+        keep_checkpoints=keep_checkpoints,
+        keep_every=keep_every,
+        compute_dtype=compute_dtype,
+        init_from="",
     )
+
+
+def mesh_block(*, data: int = -1, fsdp: int = 1, tensor: int = 1) -> dict[str, int]:
+    """`mesh.*`: device mesh axis sizes; -1 means "all the devices the others leave"."""
+    return dict(data=data, fsdp=fsdp, tensor=tensor)
 
 
 def optim_block(

@@ -1,0 +1,100 @@
+"""How a stage plugs into training: one `Stage` built from its config, in one registry.
+
+A stage (prior, decoder, upsampler, CLIP, ...) supplies:
+- `init_params(rng)`: the model's params, with logical axis names on every param
+  (`nn.with_logical_partitioning`), called under `jax.eval_shape` and `jax.jit`;
+- `loss_fn(params, batch, rng) -> (loss, metrics)`: on the GLOBAL batch, params in the
+  compute dtype; metrics are scalars (or arrays that are averaged);
+- `make_data(process_index, process_count)`: this process's iterator of host-local batches
+  (numpy pytrees of batch_size / process_count rows) with get_state/set_state;
+- optional `hooks`: periodic evaluation or sample grids, run on every process.
+
+Register a builder `config -> Stage` under the config's `stage` name:
+
+    @register_stage("decoder")
+    def build_decoder(config):
+        model = Decoder(**config.model)
+        return Stage(init_params=..., loss_fn=..., make_data=...)
+
+and `unclip-jax train --config configs/decoder.py:tiny --workdir DIR` trains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+
+from unclip_jax.config import ConfigError
+from unclip_jax.training.checkpoint import DataIterator
+from unclip_jax.training.metrics import MetricsWriter
+from unclip_jax.training.state import InitParams, TrainState
+from unclip_jax.training.step import LossFn
+
+
+@dataclasses.dataclass(frozen=True)
+class HookContext:
+    """What a hook sees: the step just completed, the state, the mesh, where to write."""
+
+    step: int
+    state: TrainState
+    mesh: jax.sharding.Mesh
+    workdir: str
+    writer: MetricsWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """Runs `fn(ctx)` every `every` steps (and at the last step); it may return scalars to log."""
+
+    name: str
+    every: int
+    fn: Callable[[HookContext], dict[str, float] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Everything stage-specific that the generic loop needs."""
+
+    init_params: InitParams
+    loss_fn: LossFn
+    make_data: Callable[[int, int], DataIterator]
+    hooks: Sequence[Hook] = ()
+
+
+StageBuilder = Callable[[ml_collections.ConfigDict], Stage]
+_REGISTRY: dict[str, StageBuilder] = {}
+# Modules that register the project's stages when imported (added as stages land).
+STAGE_MODULES: tuple[str, ...] = ()
+
+
+def register_stage(name: str) -> Callable[[StageBuilder], StageBuilder]:
+    """Decorator: registers `builder(config) -> Stage` as the stage called `name`."""
+
+    def register(builder: StageBuilder) -> StageBuilder:
+        _REGISTRY[name] = builder
+        return builder
+
+    return register
+
+
+def registered_stages() -> list[str]:
+    """The names of every registered stage."""
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    return sorted(_REGISTRY)
+
+
+def build_stage(config: ml_collections.ConfigDict) -> Stage:
+    """The Stage for `config.stage`, or a ConfigError listing the registered ones."""
+    names = registered_stages()
+    name = config.get("stage")
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"no trainable stage {name!r} is registered; registered stages: "
+            f"{', '.join(names) or '(none yet)'}"
+        )
+    return _REGISTRY[name](config)

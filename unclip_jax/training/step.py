@@ -1,0 +1,95 @@
+"""The one train step every stage shares: `(state, batch) -> (state, metrics)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from unclip_jax.training.state import Params, TrainState
+
+# A stage's loss: (params in the compute dtype, global batch, rng) -> (scalar loss, metrics).
+LossFn = Callable[[Params, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """Floating-point leaves of `tree` cast to `dtype`; other leaves unchanged."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def ema_update(ema: Params, params: Params, decay: float) -> Params:
+    """ema <- decay * ema + (1 - decay) * params."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    ema_decay: float,
+    compute_dtype: str = "float32",
+    lr_schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step function (jit it with shardings and donation; see `compile_train_step`).
+
+    The step's rng is fold_in(state.rng, state.step), so a resumed run draws what an
+    uninterrupted one does. Gradients flow to the float32 params through the cast to the
+    compute dtype. If any metric is not finite the update is not applied (the state keeps its
+    values and only the metrics report it), so a NaN never reaches a checkpoint.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"unknown compute dtype {compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}"
+        )
+    dtype = COMPUTE_DTYPES[compute_dtype]
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def objective(params: Params) -> tuple[jax.Array, dict[str, jax.Array]]:
+            loss, metrics = loss_fn(cast_floats(params, dtype), batch, rng)
+            return loss.astype(jnp.float32), metrics
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            opt_state=opt_state,
+        )
+        metrics = {k: jnp.mean(v).astype(jnp.float32) for k, v in metrics.items()}
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        new_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            new_state,
+            state.replace(step=state.step + 1),
+        )
+        return new_state, metrics
+
+    return step
+
+
+def compile_train_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+    state_shardings: TrainState,
+    batch_sharding: Any,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """`jax.jit` of the step with the state's shardings in and out and the state donated."""
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
