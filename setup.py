@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     # tfds without TensorFlow: builders write array_record, `tfds.data_source` reads it.
     "tensorflow-datasets>=4.9.7,<4.10",
     "array_record>=0.8.0,<0.9",
+    # tfds's builders locate their code with importlib_resources (installed with TF otherwise).
+    "importlib_resources>=6.4,<8",
     "grain>=0.2.12,<0.3",
     "tokenizers>=0.22,<0.24",
     "safetensors>=0.6,<0.9",

@@ -131,6 +131,71 @@ def _run_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    build = sub.add_parser(
+        "build",
+        help="turn a folder of captioned images or webdataset tars "
+        "into a tfds array_record dataset",
+    )
+    build.add_argument(
+        "--source",
+        required=True,
+        help="a folder (image + same-named .txt) or a webdataset .tar / folder of .tar shards",
+    )
+    build.add_argument("--resolution", type=int, required=True)
+    build.add_argument("--out", required=True)
+    build.add_argument(
+        "--min-size",
+        type=int,
+        default=None,
+        help="smallest shorter side kept (default: the resolution)",
+    )
+    build.add_argument("--test-fraction", type=float, default=0.01)
+    show = sub.add_parser("show", help="write N examples as PNGs, a captioned grid and a manifest")
+    show.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="shapes:64 for the built-in set, or a built dataset's folder",
+    )
+    show.add_argument("--split", default="train")
+    show.add_argument("--n", type=int, default=16)
+    show.add_argument("--out", required=True)
+    show.add_argument("--data-dir", default=None, help="where built-in datasets are built")
+
+
+def _run_data(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    if overrides:
+        raise ConfigError("data takes no --config overrides")
+    from unclip_jax.data.image_text import build_image_text
+    from unclip_jax.data.show import show_dataset
+    from unclip_jax.data.sources import SourceError
+
+    try:
+        if args.data_command == "build":
+            report = build_image_text(
+                args.source,
+                args.resolution,
+                args.out,
+                min_size=args.min_size,
+                test_fraction=args.test_fraction,
+            )
+            print(f"wrote {report.path}")
+            print("written: " + ", ".join(f"{k} {v}" for k, v in report.written.items()))
+            print("skipped: " + ", ".join(f"{k} {v}" for k, v in report.skipped.items()))
+            if not sum(report.written.values()):
+                print("unclip-jax data build: error: no example survived", file=sys.stderr)
+                return 1
+        else:
+            rows = show_dataset(args.data, args.split, args.n, args.out, data_dir=args.data_dir)
+            print(f"wrote {len(rows)} examples, grid.png and manifest.jsonl to {args.out}")
+    except (SourceError, FileNotFoundError, ValueError) as err:
+        print(f"unclip-jax data {args.data_command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="config",
@@ -143,6 +208,12 @@ COMMANDS: tuple[Command, ...] = (
         help="train a stage from its config (resumes a workdir that has a checkpoint)",
         add_args=_add_train_args,
         run=_run_train,
+    ),
+    Command(
+        name="data",
+        help="build datasets from images + captions, and look at any dataset",
+        add_args=_add_data_args,
+        run=_run_data,
     ),
     Command(
         name="export",

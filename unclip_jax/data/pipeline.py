@@ -1,0 +1,150 @@
+"""The per-process input pipeline: grain over a random-access source (tfds.data_source or
+embedding shards), without TensorFlow.
+
+Each process reads a disjoint 1/N of the examples (a stride of the source), shuffles them with
+a seeded per-epoch permutation, applies a seeded per-example transform, and batches its share
+of every global batch. The iterator's state is a small JSON-able dict: restoring it yields the
+same next batch (the training loop checkpoints it with the train state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from unclip_jax.data.images import to_float
+
+Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+class DecodedSource:
+    """A tfds data source with its Text features as str instead of bytes."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = dict(self._source[index])
+        for name, value in example.items():
+            if isinstance(value, bytes):
+                example[name] = value.decode("utf-8")
+        return example
+
+
+def open_dataset(spec: str, split: str = "train", *, data_dir: str | None = None) -> Any:
+    """A random-access source of {"image": uint8 HWC, "caption": str, ...} examples.
+
+    `spec` is `shapes:R` for the built-in set at R pixels (built into `data_dir` on first use),
+    or the path of a dataset written by `unclip-jax data build` (the output folder or the tfds
+    version folder inside it).
+    """
+    if spec.startswith("shapes:") or spec == "shapes":
+        from unclip_jax.data.shapes import load_shapes
+
+        resolution = spec.partition(":")[2] or "64"
+        try:
+            resolution_px = int(resolution)
+        except ValueError:
+            raise ValueError(f"bad dataset spec {spec!r}: expected shapes:<resolution>") from None
+        return load_shapes(resolution_px, split, data_dir=data_dir)  # captions already str
+    import tensorflow_datasets as tfds
+
+    from unclip_jax.data.image_text import find_dataset_dir
+
+    builder = tfds.builder_from_directory(find_dataset_dir(spec))
+    if split not in builder.info.splits:
+        raise ValueError(
+            f"dataset {spec!r} has no split {split!r}; splits: {', '.join(builder.info.splits)}"
+        )
+    return DecodedSource(builder.as_data_source(split=split))
+
+
+def make_pipeline(
+    source: Any,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    transform: Transform | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+) -> grain.DatasetIterator:
+    """This process's iterator of batches of `global_batch_size / process_count` examples.
+
+    The process reads examples process_index, process_index + N, ... of `source`; with
+    `shuffle`, each epoch is a fresh permutation (seeded, so the same for the same seed);
+    `transform(example, rng)` gets a generator seeded by (seed, position), so augmentations are
+    reproducible and resume exactly. num_epochs None repeats forever. worker_count > 0 decodes
+    in that many worker processes.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch {global_batch_size} does not split over {process_count} processes"
+        )
+    local_batch = global_batch_size // process_count
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < local_batch:
+        raise ValueError(
+            f"this process's share of the data ({len(ds)} examples) is smaller than its batch "
+            f"({local_batch})"
+        )
+    ds = ds.seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs)
+    if transform is not None:
+        ds = ds.random_map(transform)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    iter_ds = ds.to_iter_dataset()
+    if worker_count > 0:
+        # grain's worker processes read absl flags; a program that never parsed them (anything
+        # but an absl app) makes every worker fail with UnparsedFlagAccessError.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(iter_ds)
+
+
+def image_caption(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """The decoder's view of an example: float32 image in [-1, 1] and its caption."""
+    del rng
+    return {"image": to_float(example["image"]), "caption": example["caption"]}
+
+
+def upsampler_views(*, scale: int, crop: int | None, kind: str) -> Transform:
+    """The upsamplers' view of an example: a random `crop` of the high-res image (None: whole)
+    and its low-res, degraded view (kind 'none', 'blur' or 'bsr'), both float32 in [-1, 1].
+
+    The crop is taken first and degraded after, as latent diffusion does for BSR: the same
+    region either way, and degrading 1/16 of the pixels is what keeps the 256->1024 stage fed.
+    """
+    from unclip_jax.data.degradations import make_low_res
+
+    if crop is not None and crop % scale:
+        raise ValueError(f"crop {crop} is not a multiple of the scale {scale}")
+
+    def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        high = example["image"]
+        if crop is not None:
+            h, w = high.shape[:2]
+            if crop > min(h, w):
+                raise ValueError(f"crop {crop} is larger than the image ({h}x{w})")
+            top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+            high = high[top : top + crop, left : left + crop]
+        low = make_low_res(high, scale=scale, kind=kind, rng=rng)
+        return {"high": to_float(high), "low": to_float(low)}
+
+    return transform
