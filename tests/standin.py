@@ -21,9 +21,10 @@ from unclip_jax.training import Stage, register_stage
 DIM = 16
 
 
-def _dense(features, axes, name):
+def _dense(features, axes, name, dtype):
     return nn.Dense(
         features,
+        dtype=dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
         name=name,
@@ -33,23 +34,29 @@ def _dense(features, axes, name):
 class Denoiser(nn.Module):
     width: int = 32
     hidden: int = 64
+    dtype: jnp.dtype = jnp.float32  # the compute dtype of activations; params stay float32
 
     @nn.compact
     def __call__(self, x, t):
         temb = jnp.sin(t[:, None] / 100.0 * jnp.arange(1, self.width + 1))
-        h = _dense(self.width, (None, "embed"), "proj_in")(x) + temb.astype(x.dtype)
+        h = _dense(self.width, (None, "embed"), "proj_in", self.dtype)(x) + temb.astype(x.dtype)
         h = nn.LayerNorm(
+            dtype=self.dtype,
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="norm",
         )(h)
-        h = h + _dense(self.width, ("mlp", "embed"), "fc2")(
-            nn.gelu(_dense(self.hidden, ("embed", "mlp"), "fc1")(h))
+        h = h + _dense(self.width, ("mlp", "embed"), "fc2", self.dtype)(
+            nn.gelu(_dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(h))
         )
         img = h.reshape(h.shape[0], 4, 4, self.width // 16)
+        img = nn.with_logical_constraint(
+            img, ("batch", "activation_height", "activation_width", "activation_channels")
+        )
         img = nn.Conv(
             8,
             (3, 3),
+            dtype=self.dtype,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(),
                 ("conv_height", "conv_width", "channels_in", "channels"),
@@ -58,7 +65,7 @@ class Denoiser(nn.Module):
             name="conv",
         )(img)
         h = jnp.concatenate([h, img.reshape(h.shape[0], -1)], axis=-1)
-        return _dense(DIM, ("embed", None), "proj_out")(h)
+        return _dense(DIM, ("embed", None), "proj_out", self.dtype)(h)
 
 
 def standin_config(**train_overrides) -> ml_collections.ConfigDict:
@@ -110,7 +117,8 @@ class VectorData:
 @register_stage("standin")
 def build_standin(config) -> Stage:
     """The stand-in Stage: init, a diffusion loss, and the vector data."""
-    model = Denoiser(width=config.model.width, hidden=config.model.hidden)
+    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    model = Denoiser(width=config.model.width, hidden=config.model.hidden, dtype=dtype)
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
 
     def init_params(rng):
@@ -133,7 +141,8 @@ def build_standin(config) -> Stage:
             prediction="eps",
             variance="fixed_small",
         )
-        return jnp.mean(losses["loss"]), {"mse": jnp.mean(losses["mse"])}
+        by_t = D.timestep_bucket_means(losses["loss"], t, num_steps=sched.num_steps)
+        return jnp.mean(losses["loss"]), {"mse": jnp.mean(losses["mse"]), "loss_by_t": by_t}
 
     def make_data(process_index, process_count):
         return VectorData(

@@ -88,6 +88,21 @@ def test_wrong_type_is_named():
         load_config(_spec("prior", "tiny"), {"optim.lr": [1, 2]})
 
 
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("train.batch_size", "0", r"'train.batch_size' is 0; it must be at least 1"),
+        ("train.log_every", "-1", r"'train.log_every' is -1; it must be at least 1"),
+        ("sampling.steps", "abc", r"'sampling.steps' is 'abc': bad respacing"),
+        ("sampling.steps", "2000", r"'sampling.steps' is '2000': cannot take 2000 steps"),
+        ("model.channel_mult", "('a',)", r"'model.channel_mult' expects a tuple of int"),
+    ],
+)
+def test_out_of_range_values_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_spec("decoder", "tiny"), {key: value})
+
+
 def test_value_outside_its_choices_is_named_with_the_valid_ones():
     with pytest.raises(
         ConfigError, match=r"'diffusion.prediction' is 'epsilon'; valid values: eps, x0, v"

@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unclip_jax.data.degradations import make_low_res
 from unclip_jax.data.embeddings import EmbeddingShardError, EmbeddingShards, write_embedding_shard
 from unclip_jax.data.image_text import build_image_text
-from unclip_jax.data.pipeline import DecodedSource, make_pipeline, open_dataset
-from unclip_jax.data.show import write_examples
+from unclip_jax.data.images import to_float
+from unclip_jax.data.pipeline import (
+    DecodedSource,
+    image_caption,
+    make_pipeline,
+    open_dataset,
+    upsampler_views,
+)
+from unclip_jax.data.show import show_dataset, write_examples
 from unclip_jax.data.sources import SourceError, iter_source
 
 
@@ -344,3 +352,56 @@ def test_write_examples_writes_pngs_a_grid_and_a_manifest(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / row["file"])), image)
     grid = Image.open(tmp_path / "grid.png")
     assert grid.width >= 3 * 8 and grid.height >= 2 * 8
+
+
+@pytest.fixture(scope="module")
+def small_shapes(tmp_path_factory):
+    """A 32 px shapes build with 60 train / 54 test examples."""
+    data_dir = str(tmp_path_factory.mktemp("shapes"))
+    return dict(data_dir=data_dir, train_size=60, test_size=54)
+
+
+def test_shapes_batches_come_out_as_float_images_with_captions(small_shapes):
+    source = open_dataset("shapes:32", "train", **small_shapes)
+    it = make_pipeline(
+        source,
+        global_batch_size=8,
+        seed=0,
+        transform=image_caption,
+        process_index=0,
+        process_count=1,
+    )
+    batch = next(it)
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert len(batch["caption"]) == 8 and all(isinstance(str(c), str) for c in batch["caption"])
+
+
+def test_upsampler_views_are_an_aligned_crop_and_its_degraded_low_res_view(small_shapes):
+    source = open_dataset("shapes:32", "train", **small_shapes)
+    example = source[0]
+    views = upsampler_views(scale=2, crop=16, kind="blur")
+    a = views(example, np.random.default_rng(5))
+    b = views(example, np.random.default_rng(5))
+    assert a["high"].shape == (16, 16, 3) and a["low"].shape == (8, 8, 3)
+    np.testing.assert_array_equal(a["high"], b["high"])  # seeded
+    # The low view is exactly the paper's blur degradation of the high-res crop.
+    high_uint8 = np.round((a["high"] + 1) * 127.5).astype(np.uint8)
+    np.testing.assert_allclose(
+        a["low"], to_float(make_low_res(high_uint8, scale=2, kind="blur")), atol=1e-6
+    )
+    whole = upsampler_views(scale=4, crop=None, kind="bsr")(example, np.random.default_rng(0))
+    assert whole["high"].shape == (32, 32, 3) and whole["low"].shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="not a multiple of the scale"):
+        upsampler_views(scale=4, crop=10, kind="blur")
+
+
+def test_show_writes_any_dataset_for_people_to_look_at(small_shapes, tmp_path):
+    rows = show_dataset("shapes:32", "test", 6, str(tmp_path), **small_shapes)
+    assert len(rows) == 6 and os.path.exists(tmp_path / "grid.png")
+    source = open_dataset("shapes:32", "test", **small_shapes)
+    assert [r["caption"] for r in rows] == [source[i]["caption"] for i in range(6)]
+    with pytest.raises(ValueError, match="no split 'valid'"):
+        _write_folder(tmp_path / "src")
+        build_image_text(str(tmp_path / "src"), 16, str(tmp_path / "built"), test_fraction=0.0)
+        open_dataset(str(tmp_path / "built"), "valid")

@@ -132,6 +132,12 @@ def test_hybrid_loss_is_mse_plus_weighted_vlb_and_vlb_trains_only_the_variance()
     out = D.diffusion_loss(output=output, **kw)
     # lambda N L_t with lambda = 0.001 and N = 1000 is L_t itself.
     np.testing.assert_allclose(out["loss"], out["mse"] + out["vlb"], rtol=1e-6)
+    heavier = D.diffusion_loss(output=output, **{**kw, "vlb_weight": 0.01})
+    np.testing.assert_allclose(heavier["loss"], out["mse"] + 10 * out["vlb"], rtol=1e-6)
+    sched_4000 = D.make_schedule("cosine", 4000)
+    x_t4 = D.q_sample(x0=x0, t=t, noise=noise, sched=sched_4000)
+    longer = D.diffusion_loss(output=output, **{**kw, "sched": sched_4000, "x_t": x_t4})
+    np.testing.assert_allclose(longer["loss"], longer["mse"] + 4 * longer["vlb"], rtol=1e-6)
     vlb_grad = jax.grad(lambda o: D.diffusion_loss(output=o, **kw)["vlb"].sum())(output)
     mean_grad, var_grad = jnp.split(vlb_grad, 2, axis=-1)
     np.testing.assert_array_equal(mean_grad, 0.0)  # the mean is under stop-gradient

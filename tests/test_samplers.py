@@ -137,6 +137,22 @@ def test_ddim_with_eta_zero_is_deterministic_and_needs_no_key():
         )
 
 
+def test_a_ddim_step_with_eta_needs_noise():
+    sched = D.make_schedule("cosine", 1000, "ddim10")
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="eta != 0 adds noise"):
+        D.ddim_step(
+            output=x,
+            x_t=x,
+            t=jnp.array([5, 5]),
+            noise=None,
+            sched=sched,
+            prediction="eps",
+            variance="fixed_small",
+            eta=0.5,
+        )
+
+
 def test_the_model_sees_original_timesteps_on_a_respaced_schedule():
     sched = D.make_schedule("cosine", 1000, "ddim5")
     seen = []

@@ -163,6 +163,13 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
                 parsed = (parsed,)
         if not isinstance(parsed, (tuple, list)):
             raise bad("a tuple")
+        kinds = {type(v) for v in current}
+        if len(kinds) == 1:  # a homogeneous tuple (channel_mult=(1, 2, 4)) stays homogeneous
+            kind = kinds.pop()
+            numeric = kind is float and all(isinstance(v, (int, float)) for v in parsed)
+            if not numeric and not all(type(v) is kind for v in parsed):
+                raise bad(f"a tuple of {kind.__name__}")
+            parsed = [kind(v) for v in parsed]
         return type(current)(parsed)
     return value
 
@@ -179,6 +186,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Integer fields with a lower bound, wherever a config has them.
+POSITIVE_FIELDS: dict[str, int] = {
+    "train.steps": 1,
+    "train.batch_size": 1,
+    "train.seed": 0,
+    "train.checkpoint_every": 1,
+    "train.log_every": 1,
+    "train.keep_checkpoints": 0,
+    "train.keep_every": 0,
+    "train.preemption_check_every": 1,
+    "diffusion.num_steps": 2,
+}
+
+
 def validate_config(config: ConfigDict) -> None:
     """Raises ConfigError for a value outside its field's choices or a shared field missing."""
     for key, choices in CHOICES.items():
@@ -187,6 +208,21 @@ def validate_config(config: ConfigDict) -> None:
             raise ConfigError(
                 f"config key {key!r} is {config[head][leaf]!r}; valid values: {', '.join(choices)}"
             )
+    for key, minimum in POSITIVE_FIELDS.items():
+        head, _, leaf = key.partition(".")
+        if head in config and leaf in config[head] and config[head][leaf] < minimum:
+            raise ConfigError(
+                f"config key {key!r} is {config[head][leaf]!r}; it must be at least {minimum}"
+            )
+    if "sampling" in config and "diffusion" in config:
+        from unclip_jax.diffusion.schedules import space_timesteps
+
+        try:
+            space_timesteps(config.diffusion.num_steps, config.sampling.steps)
+        except ValueError as err:
+            raise ConfigError(
+                f"config key 'sampling.steps' is {config.sampling.steps!r}: {err}"
+            ) from None
     missing = [f for f in SHARED_TRAIN_FIELDS if "train" not in config or f not in config.train]
     if missing:
         raise ConfigError(
@@ -254,22 +290,22 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> Config
 
 def sweep_overrides(spec: str) -> list[dict[str, Any]]:
     """The override dicts the config file's `sweep()` yields (each checked against the config)."""
+    return [point for point, _ in iterate_sweep(spec)]
+
+
+def iterate_sweep(spec: str) -> Iterator[tuple[dict[str, Any], ConfigDict]]:
+    """(overrides, config) for every point of the file's sweep, on top of the variant.
+
+    Every point is checked before the first is yielded, so a bad sweep fails before any run.
+    """
     path, _ = _split_spec(spec)
     module = _import_config_module(path)
     if not hasattr(module, "sweep"):
         raise ConfigError(f"config file {path!r} defines no sweep()")
+    base = load_config_file(spec)
     points = [dict(point) for point in module.sweep()]
-    base = load_config_file(spec)
-    for point in points:
-        apply_overrides(base, point)  # raises on an unknown key or a wrong type
-    return points
-
-
-def iterate_sweep(spec: str) -> Iterator[tuple[dict[str, Any], ConfigDict]]:
-    """(overrides, config) for every point of the file's sweep, on top of the variant."""
-    base = load_config_file(spec)
-    for point in sweep_overrides(spec):
-        yield point, apply_overrides(base, point)
+    configs = [apply_overrides(base, point) for point in points]  # raises on a bad point
+    yield from zip(points, configs, strict=True)
 
 
 def config_to_json(config: ConfigDict) -> str:
@@ -292,12 +328,15 @@ def train_block(
     keep_checkpoints: int = 3,
     keep_every: int = 0,
     compute_dtype: str = "float32",
+    preemption_check_every: int = 10,
 ) -> dict[str, Any]:
     """`train.*`: the fields every stage shares (batch_size is the global batch).
 
     keep_checkpoints: the last K checkpoints kept; keep_every: every M-th step kept too (0:
     none); compute_dtype: 'float32' or 'bfloat16' for the forward and backward pass (params
-    stay float32); init_from: another run's workdir to take initial weights from.
+    stay float32); init_from: another run's workdir to take initial weights from;
+    preemption_check_every: how often the processes of a multi-process run agree on a
+    SIGTERM (one process checks every step).
     """
     return dict(
         steps=steps,
@@ -309,6 +348,7 @@ def train_block(
         keep_every=keep_every,
         compute_dtype=compute_dtype,
         init_from="",
+        preemption_check_every=preemption_check_every,
     )
 
 

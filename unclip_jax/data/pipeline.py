@@ -38,12 +38,15 @@ class DecodedSource:
         return example
 
 
-def open_dataset(spec: str, split: str = "train", *, data_dir: str | None = None) -> Any:
+def open_dataset(
+    spec: str, split: str = "train", *, data_dir: str | None = None, **shapes_sizes: int
+) -> Any:
     """A random-access source of {"image": uint8 HWC, "caption": str, ...} examples.
 
     `spec` is `shapes:R` for the built-in set at R pixels (built into `data_dir` on first use),
     or the path of a dataset written by `unclip-jax data build` (the output folder or the tfds
-    version folder inside it).
+    version folder inside it). `shapes_sizes` (train_size, test_size, seed) pick a `shapes`
+    build other than the default 50,000 / 5,400.
     """
     if spec.startswith("shapes:") or spec == "shapes":
         from unclip_jax.data.shapes import load_shapes
@@ -53,7 +56,9 @@ def open_dataset(spec: str, split: str = "train", *, data_dir: str | None = None
             resolution_px = int(resolution)
         except ValueError:
             raise ValueError(f"bad dataset spec {spec!r}: expected shapes:<resolution>") from None
-        return load_shapes(resolution_px, split, data_dir=data_dir)  # captions already str
+        return load_shapes(resolution_px, split, data_dir=data_dir, **shapes_sizes)
+    if shapes_sizes:
+        raise ValueError(f"sizes {sorted(shapes_sizes)} only apply to the built-in shapes set")
     import tensorflow_datasets as tfds
 
     from unclip_jax.data.image_text import find_dataset_dir

@@ -64,12 +64,15 @@ def write_examples(
 
 
 def show_dataset(
-    spec: str, split: str, n: int, out: str, *, data_dir: str | None = None
+    spec: str, split: str, n: int, out: str, *, data_dir: str | None = None, **shapes_sizes: int
 ) -> list[dict[str, str]]:
-    """The first `n` examples of `split` of dataset `spec`, written with `write_examples`."""
+    """The first `n` examples of `split` of dataset `spec`, written with `write_examples`.
+
+    `shapes_sizes` (train_size, test_size, seed) pick a `shapes` build (see `open_dataset`).
+    """
     from unclip_jax.data.pipeline import open_dataset
 
-    source = open_dataset(spec, split, data_dir=data_dir)
+    source = open_dataset(spec, split, data_dir=data_dir, **shapes_sizes)
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     n = min(n, len(source))

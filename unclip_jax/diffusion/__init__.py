@@ -8,6 +8,7 @@ from unclip_jax.diffusion.gaussian import (
     eps_to_x0,
     model_log_variance,
     p_mean_variance,
+    predict_eps,
     predict_x0,
     q_posterior,
     q_sample,
@@ -33,7 +34,6 @@ from unclip_jax.diffusion.samplers import (
     ddim_invert_step,
     ddim_step,
     ddpm_step,
-    model_eps,
     sample,
 )
 from unclip_jax.diffusion.schedules import (
@@ -67,11 +67,11 @@ __all__ = [
     "guided_model_fn",
     "linear_betas",
     "make_schedule",
-    "model_eps",
     "model_log_variance",
     "named_betas",
     "normal_kl",
     "p_mean_variance",
+    "predict_eps",
     "predict_x0",
     "q_posterior",
     "q_sample",

@@ -35,10 +35,15 @@ def extract(values: Array, t: Array, like: Array) -> Array:
     return broadcast_batch(values[t], like)
 
 
+def _abar(sched: Schedule, t: Array, like: Array) -> tuple[Array, Array]:
+    """(abar_t, 1 - abar_t), shaped to broadcast against `like`."""
+    return extract(sched.alphas_cumprod, t, like), extract(sched.one_minus_alphas_cumprod, t, like)
+
+
 def q_sample(*, x0: Array, t: Array, noise: Array, sched: Schedule) -> Array:
     """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), given the noise."""
-    abar = extract(sched.alphas_cumprod, t, x0)
-    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+    abar, one_minus = _abar(sched, t, x0)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(one_minus) * noise
 
 
 def q_posterior(*, x0: Array, x_t: Array, t: Array, sched: Schedule) -> tuple[Array, Array, Array]:
@@ -64,32 +69,32 @@ def q_posterior(*, x0: Array, x_t: Array, t: Array, sched: Schedule) -> tuple[Ar
 
 def eps_to_x0(*, x_t: Array, eps: Array, t: Array, sched: Schedule) -> Array:
     """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    abar = extract(sched.alphas_cumprod, t, x_t)
-    return (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+    abar, one_minus = _abar(sched, t, x_t)
+    return (x_t - jnp.sqrt(one_minus) * eps) / jnp.sqrt(abar)
 
 
 def x0_to_eps(*, x_t: Array, x0: Array, t: Array, sched: Schedule) -> Array:
     """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
-    abar = extract(sched.alphas_cumprod, t, x_t)
-    return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+    abar, one_minus = _abar(sched, t, x_t)
+    return (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(one_minus)
 
 
 def v_to_x0(*, x_t: Array, v: Array, t: Array, sched: Schedule) -> Array:
     """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
-    abar = extract(sched.alphas_cumprod, t, x_t)
-    return jnp.sqrt(abar) * x_t - jnp.sqrt(1.0 - abar) * v
+    abar, one_minus = _abar(sched, t, x_t)
+    return jnp.sqrt(abar) * x_t - jnp.sqrt(one_minus) * v
 
 
 def v_to_eps(*, x_t: Array, v: Array, t: Array, sched: Schedule) -> Array:
     """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
-    abar = extract(sched.alphas_cumprod, t, x_t)
-    return jnp.sqrt(1.0 - abar) * x_t + jnp.sqrt(abar) * v
+    abar, one_minus = _abar(sched, t, x_t)
+    return jnp.sqrt(one_minus) * x_t + jnp.sqrt(abar) * v
 
 
 def v_target(*, x0: Array, eps: Array, t: Array, sched: Schedule) -> Array:
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0."""
-    abar = extract(sched.alphas_cumprod, t, x0)
-    return jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0
+    abar, one_minus = _abar(sched, t, x0)
+    return jnp.sqrt(abar) * eps - jnp.sqrt(one_minus) * x0
 
 
 def training_target(*, prediction: str, x0: Array, eps: Array, t: Array, sched: Schedule) -> Array:
@@ -110,6 +115,16 @@ def predict_x0(*, prediction: str, pred: Array, x_t: Array, t: Array, sched: Sch
     if prediction == "x0":
         return pred
     return v_to_x0(x_t=x_t, v=pred, t=t, sched=sched)
+
+
+def predict_eps(*, prediction: str, pred: Array, x_t: Array, t: Array, sched: Schedule) -> Array:
+    """The model's estimate of eps from its prediction (the mean channels of its output)."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    if prediction == "eps":
+        return pred
+    if prediction == "x0":
+        return x0_to_eps(x_t=x_t, x0=pred, t=t, sched=sched)
+    return v_to_eps(x_t=x_t, v=pred, t=t, sched=sched)
 
 
 # ---- x0 clipping ------------------------------------------------------------------------------
@@ -193,8 +208,8 @@ def p_mean_variance(
     log_var = model_log_variance(
         variance=variance, var_values=var_values, x_t=x_t, t=t, sched=sched
     )
-    if prediction == "eps" and not clip and not dynamic_threshold:
-        eps = pred  # exact: no round trip through x0
+    if clip or dynamic_threshold:
+        eps = x0_to_eps(x_t=x_t, x0=x0, t=t, sched=sched)  # consistent with the clipped x0
     else:
-        eps = x0_to_eps(x_t=x_t, x0=x0, t=t, sched=sched)
+        eps = predict_eps(prediction=prediction, pred=pred, x_t=x_t, t=t, sched=sched)
     return {"mean": mean, "log_variance": log_var, "x0": x0, "eps": eps}

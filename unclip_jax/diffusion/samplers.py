@@ -20,6 +20,7 @@ from unclip_jax.diffusion.gaussian import (
     check_choice,
     extract,
     p_mean_variance,
+    predict_eps,
     split_output,
 )
 from unclip_jax.diffusion.schedules import Schedule
@@ -94,10 +95,14 @@ def ddim_step(
         clip=clip,
         dynamic_threshold=dynamic_threshold,
     )
-    abar = extract(sched.alphas_cumprod, t, x_t)
+    if noise is None and not (isinstance(eta, (int, float)) and eta == 0.0):
+        raise ValueError("a DDIM step with eta != 0 adds noise: pass `noise`")
     abar_prev = extract(sched.alphas_cumprod_prev, t, x_t)
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
-    x_prev = jnp.sqrt(abar_prev) * out["x0"] + jnp.sqrt(1.0 - abar_prev - sigma**2) * out["eps"]
+    one_minus = extract(sched.one_minus_alphas_cumprod, t, x_t)
+    one_minus_prev = extract(sched.one_minus_alphas_cumprod_prev, t, x_t)
+    beta = extract(sched.betas, t, x_t)  # 1 - abar / abar_prev of the (respaced) chain
+    sigma = eta * jnp.sqrt(one_minus_prev / one_minus) * jnp.sqrt(beta)
+    x_prev = jnp.sqrt(abar_prev) * out["x0"] + jnp.sqrt(one_minus_prev - sigma**2) * out["eps"]
     if noise is not None:
         nonzero = broadcast_batch((t > 0).astype(x_t.dtype), x_t)
         x_prev = x_prev + nonzero * sigma * noise
@@ -157,17 +162,6 @@ def sample(
     return jax.lax.fori_loop(0, num_steps, body, x_T)
 
 
-def model_eps(
-    *, output: Array, x_t: Array, t: Array, sched: Schedule, prediction: str, variance: str
-) -> Array:
-    """The eps that a model output at (x_t, t) implies, unclipped (inversion must stay exact)."""
-    pred, _ = split_output(output, variance=variance)
-    out = p_mean_variance(
-        output=pred, x_t=x_t, t=t, sched=sched, prediction=prediction, variance="fixed_small"
-    )
-    return out["eps"]
-
-
 def ddim_invert_step(*, eps: Array, x: Array, t: Array, sched: Schedule) -> Array:
     """One step of DDIM inversion: from step t-1 (x0 itself at t = 0) up to step t.
 
@@ -178,8 +172,10 @@ def ddim_invert_step(*, eps: Array, x: Array, t: Array, sched: Schedule) -> Arra
     """
     abar = extract(sched.alphas_cumprod, t, x)
     abar_prev = extract(sched.alphas_cumprod_prev, t, x)
-    x0 = (x - jnp.sqrt(1.0 - abar_prev) * eps) / jnp.sqrt(abar_prev)
-    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+    one_minus = extract(sched.one_minus_alphas_cumprod, t, x)
+    one_minus_prev = extract(sched.one_minus_alphas_cumprod_prev, t, x)
+    x0 = (x - jnp.sqrt(one_minus_prev) * eps) / jnp.sqrt(abar_prev)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(one_minus) * eps
 
 
 def ddim_invert(
@@ -206,9 +202,8 @@ def ddim_invert(
 
         def up(at: Array) -> Array:
             output = model_fn(at, sched.timesteps[t])
-            eps = model_eps(
-                output=output, x_t=at, t=t, sched=sched, prediction=prediction, variance=variance
-            )
+            pred, _ = split_output(output, variance=variance)
+            eps = predict_eps(prediction=prediction, pred=pred, x_t=at, t=t, sched=sched)
             return ddim_invert_step(eps=eps, x=x, t=t, sched=sched)
 
         x_next = up(x)

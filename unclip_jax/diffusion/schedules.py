@@ -33,6 +33,9 @@ class Schedule:
     betas: Array  # beta_i = 1 - abar_i / abar_{i-1}
     alphas_cumprod: Array  # abar_i
     alphas_cumprod_prev: Array  # abar_{i-1}, with abar_{-1} = 1
+    # 1 - abar_i and 1 - abar_{i-1}, from float64: 1 - abar in float32 keeps ~2 digits at t = 0.
+    one_minus_alphas_cumprod: Array
+    one_minus_alphas_cumprod_prev: Array
     posterior_variance: Array  # beta~_i = beta_i (1 - abar_{i-1}) / (1 - abar_i)
     # log beta~_i with beta~_0 (= 0) replaced by beta~_1, as improved-diffusion does.
     posterior_log_variance_clipped: Array
@@ -171,6 +174,8 @@ def schedule_from_betas(betas: np.ndarray, timesteps: Sequence[int] | None = Non
         betas=f32(betas),
         alphas_cumprod=f32(abar),
         alphas_cumprod_prev=f32(abar_prev),
+        one_minus_alphas_cumprod=f32(1.0 - abar),
+        one_minus_alphas_cumprod_prev=f32(1.0 - abar_prev),
         posterior_variance=f32(post_var),
         posterior_log_variance_clipped=f32(post_log_var),
         posterior_mean_coef1=f32(coef1),

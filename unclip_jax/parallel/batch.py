@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 import jax
@@ -16,11 +18,41 @@ def batch_sharding(mesh: Mesh, spec: PartitionSpec = BATCH_SPEC) -> NamedShardin
     return NamedSharding(mesh, spec)
 
 
-def global_batch(local_batch: Any, mesh: Mesh, spec: PartitionSpec = BATCH_SPEC) -> Any:
-    """Builds global arrays from each process's slice of the batch.
+@functools.lru_cache(maxsize=64)
+def process_batch_rows(sharding: NamedSharding, global_rows: int) -> slice:
+    """The rows of a global batch that this process's devices hold, as one contiguous slice.
 
-    Every process passes its own rows (process i holds rows i*B/P ... (i+1)*B/P of the global
-    batch of B); the result has the global batch on the leading axis.
+    Raises ValueError when the devices of one process hold rows that are not one block of
+    global_rows / process_count (e.g. the batch axes do not span the processes, so processes
+    would have to feed the same rows): that mesh cannot take per-process data.
+    """
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    ranges = sorted(
+        {
+            (i[0].start or 0, global_rows if i[0].stop is None else i[0].stop)
+            for i in index_map.values()
+        }
+    )
+    start, stop = ranges[0][0], ranges[-1][1]
+    contiguous = all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    expected = global_rows // jax.process_count()
+    if not contiguous or stop - start != expected:
+        mesh = sharding.mesh
+        raise ValueError(
+            f"this process's devices hold rows {ranges} of the global batch of {global_rows}, "
+            f"not one block of {expected}: with {jax.process_count()} processes the batch axes "
+            f"(data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}) must be split "
+            "across processes"
+        )
+    return slice(start, stop)
+
+
+def global_batch(local_batch: Any, mesh: Mesh, spec: PartitionSpec = BATCH_SPEC) -> Any:
+    """Builds global arrays from each process's share of the batch.
+
+    Every process passes B / P rows (B the global batch, P the process count); they become the
+    rows that process's devices hold (`process_batch_rows`), so the global batch is the
+    processes' shares in process order.
     """
     sharding = batch_sharding(mesh, spec)
     num_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -33,6 +65,9 @@ def global_batch(local_batch: Any, mesh: Mesh, spec: PartitionSpec = BATCH_SPEC)
                 f"global batch of {global_rows} rows does not split over the {num_shards} "
                 "data x fsdp shards of the mesh"
             )
-        return jax.make_array_from_process_local_data(sharding, x)
+        process_batch_rows(sharding, global_rows)  # raises for a mesh that cannot take it
+        return jax.make_array_from_process_local_data(
+            sharding, x, global_shape=(global_rows, *x.shape[1:])
+        )
 
     return jax.tree.map(one, local_batch)

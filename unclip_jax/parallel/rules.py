@@ -8,6 +8,8 @@ over `fsdp`; tensor parallelism splits "mlp"/"heads"/"vocab" over `tensor`; the 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +32,28 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_width", None),
     ("length", None),  # sequence positions
     ("norm", None),
+    # Activations (for nn.with_logical_constraint): the batch is sharded, nothing else. Models
+    # pin activations at block boundaries so that XLA's propagation never shards a spatial
+    # dimension: jax 0.10.2's SPMD partitioner miscompiles a convolution whose input is
+    # sharded along H on the mesh axis that also shards the kernel's output channels
+    # (tests/test_parallel.py keeps a reproducer).
+    ("activation_length", None),
+    ("activation_height", None),
+    ("activation_width", None),
+    ("activation_embed", None),
+    ("activation_channels", None),
 )
 
 BATCH_SPEC = PartitionSpec(("data", "fsdp"))
+# Arrays of at least this many elements are worth a warning when they cannot be sharded as the
+# rules ask (a replicated 1M-element array costs 4 MB on every device).
+LARGE_PARAM = 1 << 20
+log = logging.getLogger("unclip_jax.parallel")
+
+
+def _shards(spec: PartitionSpec, mesh: Mesh) -> int:
+    names = [n for axes in spec for n in ((axes,) if isinstance(axes, str) else (axes or ()))]
+    return math.prod(mesh.shape[n] for n in names if n in mesh.shape)
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -76,7 +97,18 @@ def logical_partition_specs(
 
     def fit(spec: PartitionSpec | None, leaf: Any) -> PartitionSpec:
         shape = getattr(leaf, "shape", ())
-        return fit_spec(spec if spec is not None else PartitionSpec(), shape, mesh)
+        spec = spec if spec is not None else PartitionSpec()
+        fitted = fit_spec(spec, shape, mesh)
+        size = math.prod(shape)
+        if size >= LARGE_PARAM and _shards(fitted, mesh) < _shards(spec, mesh):
+            log.warning(
+                "a %s array stays less sharded than its rules ask (%s instead of %s): the mesh "
+                "axes do not divide its dimensions",
+                shape,
+                fitted,
+                spec,
+            )
+        return fitted
 
     return jax.tree.map(
         fit, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None

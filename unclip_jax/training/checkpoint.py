@@ -175,28 +175,31 @@ def restore_subtrees(
             f"no checkpoint at step {step} in {directory}; steps: {sorted(manager.all_steps())}"
         )
     targets = dict(targets)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=targets,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(targets),
-                partial_restore=True,
-            )
-        ),
-    )
+    with manager:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=targets,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(targets),
+                    partial_restore=True,
+                )
+            ),
+        )
     return dict(restored.state), step
 
 
-def saved_state_metadata(directory: str | epath.Path, step: int | None = None) -> tuple[Any, int]:
+def saved_state_metadata(
+    manager: ocp.CheckpointManager, step: int | None = None
+) -> tuple[Any, int]:
     """(tree of ShapeDtypeStructs of the saved state, step), without reading any array."""
-    manager = checkpoint_manager(directory, read_only=True)
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     if step not in manager.all_steps():
         raise FileNotFoundError(
-            f"no checkpoint at step {step} in {directory}; steps: {sorted(manager.all_steps())}"
+            f"no checkpoint at step {step} in {manager.directory}; "
+            f"steps: {sorted(manager.all_steps())}"
         )
     saved = manager.item_metadata(step)["state"]
     tree = saved.tree if hasattr(saved, "tree") else saved
@@ -206,3 +209,11 @@ def saved_state_metadata(directory: str | epath.Path, step: int | None = None) -
         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
     )
     return shapes, step
+
+
+def param_paths(tree: Any) -> dict[str, Any]:
+    """{'a/b/kernel': leaf}: the leaves of a params tree by their paths joined with '/'."""
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

@@ -8,16 +8,17 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from unclip_jax.training.checkpoint import restore_subtrees, saved_state_metadata
+from unclip_jax.training.checkpoint import (
+    checkpoint_manager,
+    param_paths,
+    restore_subtrees,
+    saved_state_metadata,
+)
 
 
 def flatten_params(params: dict) -> dict[str, np.ndarray]:
-    """{'a/b/kernel': array}: param paths joined by '/', every param once."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        flat[name] = np.asarray(leaf)
-    return flat
+    """{'a/b/kernel': array}: param paths joined by '/', every param once, on the host."""
+    return {name: np.asarray(jax.device_get(leaf)) for name, leaf in param_paths(params).items()}
 
 
 def export_params(workdir: str, out: str, *, step: int | None = None, ema: bool = False) -> int:
@@ -30,7 +31,8 @@ def export_params(workdir: str, out: str, *, step: int | None = None, ema: bool 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints directory in workdir {workdir!r}")
     field = "ema_params" if ema else "params"
-    shapes, step = saved_state_metadata(directory, step)
+    with checkpoint_manager(directory, read_only=True) as manager:
+        shapes, step = saved_state_metadata(manager, step)
     restored, step = restore_subtrees(directory, {field: shapes[field]}, step)
     flat = flatten_params(restored[field])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

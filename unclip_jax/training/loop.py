@@ -19,19 +19,28 @@ from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from unclip_jax.parallel import batch_sharding, describe_mesh, global_batch, make_mesh
+from unclip_jax.parallel import (
+    LOGICAL_AXIS_RULES,
+    batch_sharding,
+    describe_mesh,
+    global_batch,
+    make_mesh,
+)
 from unclip_jax.training.checkpoint import (
     checkpoint_manager,
+    param_paths,
     read_checkpoint_config,
     restore_checkpoint,
     restore_subtrees,
     save_checkpoint,
+    saved_state_metadata,
 )
 from unclip_jax.training.metrics import MetricsWriter
 from unclip_jax.training.optim import make_optimizer
@@ -43,33 +52,54 @@ from unclip_jax.training.state import (
     state_partition_specs,
     state_shardings,
 )
-from unclip_jax.training.step import compile_train_step, make_train_step
+from unclip_jax.training.step import GUARDED_METRICS, compile_train_step, make_train_step
 
 log = logging.getLogger("unclip_jax.train")
 
 
 class NonFiniteError(FloatingPointError):
-    """A metric became NaN or infinite; the message names the step and the metric."""
+    """The loss or gradient norm became NaN or infinite; the message names the step and metric."""
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint whose params do not fit this config (another model size or layout)."""
+    """A checkpoint that does not fit this run (another model, layout or process count)."""
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
-        for path, leaf in leaves
-    }
+# Config keys that must match for a checkpoint to be resumed (another value means another
+# model), and keys whose change is allowed on resume but breaks bitwise continuation.
+MUST_MATCH = ("stage", "model", "diffusion", "kind", "embedding")
+SHOULD_MATCH = ("train.batch_size", "train.seed", "train.steps", "optim")
+
+
+def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(keys that must match but differ, keys that should match but differ), as 'k: a -> b'."""
+    a, b = _flat_config(saved), _flat_config(current)
+    must, should = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key):
+            continue
+        line = f"{key}: {a.get(key, 'absent')!r} -> {b.get(key, 'absent')!r}"
+        if any(key == p or key.startswith(p + ".") for p in MUST_MATCH):
+            must.append(line)
+        elif any(key == p or key.startswith(p + ".") for p in SHOULD_MATCH):
+            should.append(line)
+    return must, should
 
 
 def check_checkpoint_fits(manager: Any, step: int, target: TrainState, what: str) -> None:
     """Raises CheckpointMismatchError naming the first param whose shape or presence differs."""
-    saved = manager.item_metadata(step)["state"]
-    saved_tree = saved.tree if hasattr(saved, "tree") else saved
-    saved_shapes = _flat_shapes(saved_tree["params"])
-    wanted = _flat_shapes(target.params)
+    saved, _ = saved_state_metadata(manager, step)
+    saved_shapes = {k: tuple(v.shape) for k, v in param_paths(saved["params"]).items()}
+    wanted = {k: tuple(v.shape) for k, v in param_paths(target.params).items()}
     for name in sorted(set(saved_shapes) | set(wanted)):
         if saved_shapes.get(name) != wanted.get(name):
             raise CheckpointMismatchError(
@@ -77,6 +107,31 @@ def check_checkpoint_fits(manager: Any, step: int, target: TrainState, what: str
                 f"{name!r} is {saved_shapes.get(name, 'absent')} there and "
                 f"{wanted.get(name, 'absent')} here (a checkpoint from another config?)"
             )
+
+
+def _resume(manager: Any, step: int, target: TrainState, config_dict: dict[str, Any]) -> tuple:
+    """(state, data state) of `step`, after checking that it fits this run."""
+    must, should = compare_configs(read_checkpoint_config(manager, step), config_dict)
+    if must:
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {manager.directory} was written with another "
+            f"config: {'; '.join(must)}"
+        )
+    if should:
+        log.warning(
+            "resuming with changed settings (not a bitwise continuation): %s", "; ".join(should)
+        )
+    check_checkpoint_fits(manager, step, target, "the checkpoint")
+    try:
+        state, data_state, _ = restore_checkpoint(manager, target, step)
+    except FileNotFoundError as err:
+        raise CheckpointMismatchError(f"cannot resume the data position: {err}") from err
+    except ValueError as err:  # orbax: the saved tree differs (e.g. another optimizer chain)
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {manager.directory} has another state structure "
+            f"(another optimizer set-up?): {err}"
+        ) from err
+    return state, data_state
 
 
 def _git_revision() -> str:
@@ -114,7 +169,7 @@ def run_info(mesh: jax.sharding.Mesh) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _preemption_flag() -> Iterator[dict[str, bool]]:
-    """Sets flag['stop'] on SIGTERM (preemption) for the duration of the loop."""
+    """Sets flag['stop'] on SIGTERM (preemption) while the loop and its final save run."""
     flag = {"stop": False}
 
     def handler(signum: int, frame: Any) -> None:
@@ -138,6 +193,18 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Device metrics as floats; a 1-D metric `m` becomes `m/0`, `m/1`, ..."""
+    values: dict[str, float] = {}
+    for name, value in jax.device_get(metrics).items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            values[name] = float(value)
+        else:
+            values.update({f"{name}/{i}": float(v) for i, v in enumerate(value)})
+    return values
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -147,12 +214,11 @@ def train_and_evaluate(
 ) -> TrainState:
     """Trains `config.stage` in `workdir` to `config.train.steps`, resuming if it can.
 
-    `stop_after` ends this invocation (with a checkpoint) once the state reaches that step,
-    without changing the run's schedule: a later invocation continues it exactly.
-
     A workdir that holds a checkpoint resumes from its latest one. Otherwise the run starts
     from scratch, or, with `train.init_from` set to another run's workdir, from that run's
-    params and EMA params (a fresh optimizer and step 0). Returns the final state.
+    params and EMA params (a fresh optimizer and step 0). `stop_after` ends this invocation
+    (with a checkpoint) once the state reaches that step, without changing the run's
+    schedule: a later invocation continues it exactly. Returns the final state.
     """
     # ---- set-up -------------------------------------------------------------------------
     workdir = os.path.abspath(workdir)
@@ -175,7 +241,7 @@ def train_and_evaluate(
     shardings = state_shardings(specs, mesh)
     target = abstract_state(stage.init_params, tx, shardings)
 
-    # ---- data: this process's slice of every global batch -----------------------------
+    # ---- data: this process's share of every global batch ------------------------------
     data = stage.make_data(jax.process_index(), jax.process_count())
 
     # ---- restore, or start (optionally from another run's weights) ---------------------
@@ -184,93 +250,107 @@ def train_and_evaluate(
         keep=train.get("keep_checkpoints", 3),
         keep_every=train.get("keep_every", 0),
     )
-    latest = manager.latest_step()
-    if latest is not None:
-        check_checkpoint_fits(manager, latest, target, "the checkpoint")
-        state, data_state, _ = restore_checkpoint(manager, target, latest)
-        data.set_state(data_state)
-        log.info("resumed from step %d in %s", latest, workdir)
-    else:
-        state = create_state(stage.init_params, tx, shardings, train.seed)
-        if train.get("init_from"):
-            state = _init_from(state, train.init_from, target)
-
-    # ---- compile ------------------------------------------------------------------------
-    step_fn = compile_train_step(
-        make_train_step(
-            stage.loss_fn,
-            tx,
-            ema_decay=config.optim.ema_decay,
-            compute_dtype=train.get("compute_dtype", "float32"),
-            lr_schedule=lr_schedule,
-        ),
-        shardings,
-        batch_sharding(mesh),
-    )
-
-    # ---- log the start ------------------------------------------------------------------
-    writer = MetricsWriter(workdir, enabled=is_main)
-    start = int(jax.device_get(state.step))
-    if is_main:
-        info = run_info(mesh)
-        log.info("config:\n%s", json.dumps(config_dict, indent=2, sort_keys=True))
-        log.info("run: %s", json.dumps(info))
-        with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-            json.dump({"start_step": start, **info, "config": config_dict}, f, indent=2)
-        writer.write_text(start, "config", json.dumps(config_dict, indent=2, sort_keys=True))
-
-    # ---- the loop -----------------------------------------------------------------------
-    end = train.steps if stop_after is None else min(train.steps, stop_after)
-    bar = tqdm(total=train.steps, initial=start, disable=not is_main, desc="train")
-    window: list[dict[str, float]] = []
-    pending: tuple[int, dict[str, jax.Array]] | None = None
-    step = start
-    tick, tick_step = time.perf_counter(), start
-
-    def check(step_done: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if bad:
-            names = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise NonFiniteError(
-                f"non-finite metric at step {step_done}: {names}; the update was not applied "
-                f"and the run stopped (last checkpoint: {manager.latest_step()})"
-            )
-        return values
-
+    writer, bar = None, None
     try:
-        with _preemption_flag() as preempted, jax.set_mesh(mesh):
+        latest = manager.latest_step()
+        if latest is not None:
+            state, data_state = _resume(manager, latest, target, config_dict)
+            data.set_state(data_state)
+            log.info("resumed from step %d in %s", latest, workdir)
+        else:
+            state = create_state(stage.init_params, tx, shardings, train.seed)
+            if train.get("init_from"):
+                state = _init_from(state, train.init_from, target)
+
+        # ---- compile ----------------------------------------------------------------------
+        step_fn = compile_train_step(
+            make_train_step(
+                stage.loss_fn,
+                tx,
+                ema_decay=config.optim.ema_decay,
+                compute_dtype=train.get("compute_dtype", "float32"),
+                lr_schedule=lr_schedule,
+            ),
+            shardings,
+            batch_sharding(mesh),
+        )
+
+        # ---- log the start ----------------------------------------------------------------
+        start = int(jax.device_get(state.step))
+        writer = MetricsWriter(workdir, enabled=is_main, start_step=start)
+        if is_main:
+            info = run_info(mesh)
+            log.info("config:\n%s", json.dumps(config_dict, indent=2, sort_keys=True))
+            log.info("run: %s", json.dumps(info))
+            with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
+                json.dump({"start_step": start, **info, "config": config_dict}, f, indent=2)
+            writer.write_text(start, "config", json.dumps(config_dict, indent=2, sort_keys=True))
+
+        # ---- the loop ---------------------------------------------------------------------
+        end = train.steps if stop_after is None else min(train.steps, stop_after)
+        preempt_every = 1 if jax.process_count() == 1 else train.get("preemption_check_every", 10)
+        bar = tqdm(total=train.steps, initial=start, disable=not is_main, desc="train")
+        window: list[dict[str, float]] = []
+        pending: tuple[int, dict[str, jax.Array]] | None = None
+        step = start
+        tick, tick_step = time.perf_counter(), start
+
+        def check(step_done: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
+            values = _host_metrics(metrics)
+            bad = {k: values[k] for k in GUARDED_METRICS if not math.isfinite(values[k])}
+            if bad:
+                names = ", ".join(f"{k}={v}" for k, v in bad.items())
+                raise NonFiniteError(
+                    f"non-finite metric at step {step_done}: {names}; the update was not "
+                    f"applied and the run stopped (last checkpoint: {manager.latest_step()})"
+                )
+            return values
+
+        with (
+            _preemption_flag() as preempted,
+            jax.set_mesh(mesh),
+            nn.logical_axis_rules(LOGICAL_AXIS_RULES),  # for the models' activation constraints
+        ):
             while step < end:
                 batch = global_batch(next(data), mesh)
                 state, metrics = step_fn(state, batch)
                 step += 1
-                # Check the previous step while this one runs (one step in flight).
+                # Check the previous step while this one runs (one step in flight) ...
                 if pending is not None:
                     window.append(check(*pending))
                 pending = (step, metrics)
-
-                if step % train.log_every == 0 or step == end:
+                hooks_due = [h for h in stage.hooks if step % h.every == 0 or step == end]
+                log_due = step % train.log_every == 0 or step == end
+                # ... but this step's own before anything logs or reads its state.
+                if hooks_due or log_due:
                     window.append(check(*pending))
                     pending = None
+
+                if log_due:
                     now = time.perf_counter()
-                    means = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
+                    means = {
+                        k: float(np.nanmean([w.get(k, np.nan) for w in window])) for k in window[-1]
+                    }
                     means["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
                     writer.write_scalars(step, means)
                     bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
                     window, tick, tick_step = [], now, step
                 bar.update(1)
 
-                for hook in stage.hooks:
-                    if step % hook.every == 0 or step == train.steps:
-                        ctx = HookContext(step, state, mesh, workdir, writer)
-                        scalars = hook.fn(ctx)
-                        if scalars:
-                            writer.write_scalars(
-                                step, {f"{hook.name}/{k}": v for k, v in scalars.items()}
-                            )
+                for hook in hooks_due:
+                    # The state is donated to the next step: hooks use it during the call only.
+                    scalars = hook.fn(HookContext(step, state, mesh, workdir, writer))
+                    if scalars:
+                        writer.write_scalars(
+                            step, {f"{hook.name}/{k}": v for k, v in scalars.items()}
+                        )
 
-                stop = step % train.log_every == 0 and _any_process(preempted["stop"])
-                if step % train.checkpoint_every == 0 or stop:
+                save_due = step % train.checkpoint_every == 0
+                stop = step % preempt_every == 0 and _any_process(preempted["stop"])
+                if (save_due or stop) and pending is not None:
+                    window.append(check(*pending))  # never save a step that is not checked
+                    pending = None
+                if save_due or stop:
                     save_checkpoint(manager, state, data_state=data.get_state(), config=config_dict)
                 if stop:
                     log.warning("SIGTERM: saved step %d and stopped", step)
@@ -278,15 +358,19 @@ def train_and_evaluate(
             if pending is not None:
                 check(*pending)
 
-        # ---- the final save -------------------------------------------------------------
-        if manager.latest_step() != step:
-            save_checkpoint(
-                manager, state, data_state=data.get_state(), config=config_dict, force=True
-            )
+            # ---- the final save -----------------------------------------------------------
+            if manager.latest_step() != step:
+                save_checkpoint(
+                    manager, state, data_state=data.get_state(), config=config_dict, force=True
+                )
+            manager.wait_until_finished()
     finally:
         manager.wait_until_finished()
-        bar.close()
-        writer.close()
+        manager.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
     return state
 
 
@@ -297,11 +381,11 @@ def _init_from(state: TrainState, source: str, target: TrainState) -> TrainState
         directory = os.path.join(source, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"train.init_from: no checkpoints directory at {directory!r}")
-    other = checkpoint_manager(directory, read_only=True)
-    step = other.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"train.init_from: no checkpoint in {directory!r}")
-    check_checkpoint_fits(other, step, target, "train.init_from's checkpoint")
+    with checkpoint_manager(directory, read_only=True) as other:
+        step = other.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"train.init_from: no checkpoint in {directory!r}")
+        check_checkpoint_fits(other, step, target, "train.init_from's checkpoint")
     restored, _ = restore_subtrees(
         directory, {"params": target.params, "ema_params": target.ema_params}, step
     )

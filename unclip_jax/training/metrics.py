@@ -18,17 +18,28 @@ import jax
 class MetricsWriter:
     """Appends {"step": ..., name: value, ...} lines to WORKDIR/metrics.jsonl and TensorBoard."""
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None) -> None:
+    def __init__(self, workdir: str, *, enabled: bool | None = None, start_step: int = 0) -> None:
+        """Opens the writers; a run resumed at `start_step` first drops what it logged after it.
+
+        (A run that crashed after its last checkpoint logged steps it will now run again.)
+        """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
+            if start_step > 0 and os.path.exists(path):
+                kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"),
+                purge_step=start_step + 1 if start_step > 0 else None,
+            )
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSONL line and one TensorBoard point per scalar."""

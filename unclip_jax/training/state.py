@@ -60,6 +60,18 @@ def state_partition_specs(
     the step and rng are replicated.
     """
     boxed = jax.eval_shape(init_params, jax.random.key(0))
+    unnamed = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(
+            boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+        )[0]
+        if not isinstance(leaf, nn.LogicallyPartitioned)
+    ]
+    if unnamed:
+        raise ValueError(
+            f"param {unnamed[0]} has no logical axis names (wrap its initializer in "
+            "nn.with_logical_partitioning): every param must say how it shards"
+        )
     param_specs = logical_partition_specs(boxed, mesh, rules)
     abstract = jax.eval_shape(lambda: _new_state(init_params, tx, 0))
     opt_specs = optax.tree_map_params(

@@ -15,6 +15,11 @@ from unclip_jax.training.state import Params, TrainState
 LossFn = Callable[[Params, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Metrics the step itself reports; a stage's loss_fn may not use these names.
+RESERVED_METRICS = ("loss", "grad_norm", "lr")
+# The metrics whose non-finite value stops a run (a stage's own metrics may be NaN, e.g. the
+# mean loss of a timestep bucket no example fell in).
+GUARDED_METRICS = ("loss", "grad_norm")
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:
@@ -40,9 +45,12 @@ def make_train_step(
     """The pure step function (jit it with shardings and donation; see `compile_train_step`).
 
     The step's rng is fold_in(state.rng, state.step), so a resumed run draws what an
-    uninterrupted one does. Gradients flow to the float32 params through the cast to the
-    compute dtype. If any metric is not finite the update is not applied (the state keeps its
-    values and only the metrics report it), so a NaN never reaches a checkpoint.
+    uninterrupted one does. The params are cast to the compute dtype before the loss (so FSDP
+    gathers move half the bytes in bfloat16); stages build their modules with
+    `dtype=compute dtype` so activations run in it too, and gradients reach the float32 params
+    through the cast. Metrics are scalars or 1-D arrays (logged per element). If the loss or
+    the gradient norm is not finite the state is returned unchanged, step included, so a NaN
+    never reaches the params, the EMA or a checkpoint; the loop then stops the run.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
@@ -57,7 +65,10 @@ def make_train_step(
             loss, metrics = loss_fn(cast_floats(params, dtype), batch, rng)
             return loss.astype(jnp.float32), metrics
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, stage_metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        clash = sorted(set(stage_metrics) & set(RESERVED_METRICS))
+        if clash:
+            raise ValueError(f"a stage metric may not be called {clash[0]!r} (the step sets it)")
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
@@ -66,16 +77,17 @@ def make_train_step(
             ema_params=ema_update(state.ema_params, params, ema_decay),
             opt_state=opt_state,
         )
-        metrics = {k: jnp.mean(v).astype(jnp.float32) for k, v in metrics.items()}
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm}
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
-        new_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            new_state,
-            state.replace(step=state.step + 1),
-        )
+        for name, value in stage_metrics.items():
+            value = jnp.asarray(value, jnp.float32)
+            if value.ndim > 1:
+                raise ValueError(f"metric {name!r} has shape {value.shape}: use scalars or 1-D")
+            metrics[name] = value
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         return new_state, metrics
 
     return step
