@@ -17,10 +17,7 @@ from unclip_jax.data.pipeline import image_caption, make_pipeline, open_dataset,
 
 
 def time_pipeline(source, *, batch: int, transform, workers: int, batches: int) -> float:
-    """Seconds per batch in steady state: wall time of `batches` batches after the first.
-
-    (grain reads ahead with threads, so single-batch timings measure its buffer, not its rate.)
-    """
+    """Seconds per batch in steady state: wall time of `batches` batches after the first."""
     it = make_pipeline(
         source,
         global_batch_size=batch,
@@ -41,8 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--scale", type=int, default=4, help="upsampling factor of the views")
+    parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
@@ -53,12 +49,16 @@ def main() -> None:
         f"shapes:{args.resolution} train: {len(source)} examples "
         f"(opened/built in {time.perf_counter() - start:.1f} s)"
     )
-    crop = max(args.resolution // 4 // args.scale, 1) * args.scale  # 1/4 size, as the paper
     views = {
-        "decoder (image + caption)": image_caption,
-        f"upsampler crop {crop} + blur": upsampler_views(scale=args.scale, crop=crop, kind="blur"),
-        f"upsampler crop {crop} + bsr": upsampler_views(scale=args.scale, crop=crop, kind="bsr"),
+        "decoder (image + caption)": (source, image_caption),
     }
+    # The upsamplers' views on the images they train on: 1/4 crops of the high-res image.
+    for resolution, scale, kind in ((args.resolution * 2, 2, "blur"), (256, 4, "bsr")):
+        high = open_dataset(f"shapes:{resolution}", "train", data_dir=args.data_dir)
+        views[f"upsampler {resolution}px/{scale} 1/4 crop + {kind}"] = (
+            high,
+            upsampler_views(scale=scale, crop_fraction=0.25, kind=kind),
+        )
     for name, transform in views.items():
         for workers in args.workers:
             seconds = time_pipeline(

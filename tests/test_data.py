@@ -46,6 +46,9 @@ def _write_folder(root):
     (root / "nocaption.png").write_bytes(_png((1, 2, 3)))
     (root / "tiny.png").write_bytes(_png((9, 9, 9), size=(8, 8)))
     (root / "tiny.txt").write_text("too small")
+    (root / "twice.png").write_bytes(_png((7, 7, 7)))  # two images, one caption file
+    (root / "twice.jpg").write_bytes(_png((7, 7, 7)))
+    (root / "twice.txt").write_text("\ufeffthe same key twice")  # with a byte-order mark
 
 
 def _write_tar(path, members):
@@ -85,13 +88,19 @@ def test_build_skips_and_counts_bad_examples_and_keeps_the_rest(tmp_path, kind):
     else:
         _write_webdataset(source)
     report = build_image_text(str(source), 16, str(tmp_path / "out"), test_fraction=0.0)
-    assert report.written == {"train": 6, "test": 0}
-    expected_skips = {"undecodable": 1, "no_caption": 1, "too_small": 1 if kind == "folder" else 0}
+    folder = kind == "folder"
+    assert report.written == {"train": 7 if folder else 6, "test": 0}
+    expected_skips = {
+        "undecodable": 1,
+        "no_caption": 1,
+        "too_small": int(folder),
+        "duplicate_key": int(folder),
+    }
     assert report.skipped == expected_skips
     data = open_dataset(str(tmp_path / "out"), "train")
-    assert len(data) == 6
     by_caption = {data[i]["caption"]: data[i] for i in range(len(data))}
-    assert set(by_caption) == {caption for _, caption in GOOD.values()}
+    extra = {"the same key twice"} if folder else set()
+    assert set(by_caption) == {caption for _, caption in GOOD.values()} | extra
     for color, caption in GOOD.values():
         image = by_caption[caption]["image"]
         assert image.shape == (16, 16, 3) and image.dtype == np.uint8
@@ -124,7 +133,7 @@ def test_a_missing_or_empty_source_is_one_clear_error(tmp_path):
 def test_the_test_split_is_a_stable_fraction_by_key(tmp_path):
     _write_folder(tmp_path / "src")
     report = build_image_text(str(tmp_path / "src"), 16, str(tmp_path / "out"), test_fraction=0.5)
-    assert sum(report.written.values()) == 6 and report.written["test"] >= 1
+    assert sum(report.written.values()) == 7 and report.written["test"] >= 1
     keys = [
         e["key"]
         for e in (
@@ -136,6 +145,35 @@ def test_the_test_split_is_a_stable_fraction_by_key(tmp_path):
     assert sorted(keys) == sorted(
         open_dataset(str(tmp_path / "out2"), "test")[i]["key"] for i in range(again.written["test"])
     )
+
+
+def test_images_decode_upright_and_in_range_whatever_their_mode():
+    from PIL import Image as PILImage
+
+    from unclip_jax.data.images import to_rgb_array
+
+    deep = PILImage.fromarray(np.full((4, 6), 30000, np.uint16))  # 16-bit grey
+    np.testing.assert_array_equal(to_rgb_array(deep)[0, 0], [117, 117, 117])
+    sideways = PILImage.new("RGB", (40, 20), (200, 10, 10))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    sideways.save(buffer, format="JPEG", exif=exif)
+    assert to_rgb_array(PILImage.open(io.BytesIO(buffer.getvalue()))).shape == (40, 20, 3)
+    rgba = PILImage.new("RGBA", (2, 2), (0, 0, 0, 0))
+    np.testing.assert_array_equal(to_rgb_array(rgba)[0, 0], [255, 255, 255])  # on white
+
+
+def test_gzipped_shards_in_subfolders_keep_distinct_keys(tmp_path):
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / sub)
+        with tarfile.open(tmp_path / sub / "00000.tar.gz", "w:gz") as tar:
+            for name, data in (("k.png", _png((1, 2, 3))), ("k.txt", f"from {sub}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    keys = {e.key: e.caption for e in iter_source(str(tmp_path))}
+    assert keys == {"a/00000/k": "from a", "b/00000/k": "from b"}
 
 
 def test_sources_read_webdataset_captions_from_txt_or_json(tmp_path):
@@ -167,7 +205,7 @@ def test_cli_data_build_prints_the_counts(tmp_path):
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    assert "skipped: undecodable 1, too_small 1, no_caption 1" in run.stdout
+    assert "skipped: undecodable 1, too_small 1, no_caption 1, duplicate_key 1" in run.stdout
     missing = subprocess.run(
         [
             sys.executable,
@@ -272,23 +310,57 @@ def _noisy(example, rng):
     return {"i": example["i"], "noise": rng.standard_normal(3).astype(np.float32)}
 
 
-def test_processes_read_disjoint_shares_that_cover_the_data():
-    n, processes = 40, 4
+@pytest.mark.parametrize("n,processes", [(40, 4), (10, 3)])
+def test_processes_read_equal_disjoint_shares_that_cover_the_data(n, processes):
     seen = []
     for p in range(processes):
         it = make_pipeline(
             _Indices(n),
-            global_batch_size=8,
+            global_batch_size=processes,
             seed=1,
             process_index=p,
             process_count=processes,
             num_epochs=1,
         )
         seen.append([int(i) for batch in it for i in batch["i"]])
+    assert len({len(s) for s in seen}) == 1  # as many batches everywhere: no host waits
     for p in range(processes):
         for q in range(p + 1, processes):
             assert not set(seen[p]) & set(seen[q])
-    assert sorted(i for s in seen for i in s) == list(range(n))
+    covered = sorted(i for s in seen for i in s)
+    assert len(covered) == n // processes * processes and set(covered) <= set(range(n))
+
+
+def test_a_global_batch_is_the_same_whatever_the_process_count():
+    def global_batches(processes):
+        its = [
+            make_pipeline(
+                _Indices(64),
+                global_batch_size=8,
+                seed=2,
+                transform=_noisy,
+                process_index=p,
+                process_count=processes,
+            )
+            for p in range(processes)
+        ]
+        out = []
+        for _ in range(5):
+            parts = [next(it) for it in its]
+            rows = sorted(
+                zip(
+                    np.concatenate([b["i"] for b in parts]).tolist(),
+                    np.concatenate([b["noise"] for b in parts]).tolist(),
+                    strict=True,
+                )
+            )
+            out.append(rows)
+        return out
+
+    one, two, four = global_batches(1), global_batches(2), global_batches(4)
+    assert one == two == four  # same examples, same augmentation draws
+    noise = [row[1] for row in one[0]]
+    assert len({tuple(x) for x in noise}) == len(noise)  # every example its own draw
 
 
 def test_shuffling_is_seeded_and_changes_every_epoch():
@@ -329,10 +401,39 @@ def test_the_iterator_resumes_to_the_same_next_batch():
         np.testing.assert_array_equal(got["noise"], want["noise"])
 
 
+def test_the_iterator_resumes_with_worker_processes_too():
+    def pipeline():
+        return make_pipeline(
+            _Indices(30),
+            global_batch_size=4,
+            seed=3,
+            transform=_noisy,
+            process_index=0,
+            process_count=1,
+            worker_count=1,
+        )
+
+    it = pipeline()
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = next(it)
+    resumed = pipeline()
+    resumed.set_state(state)
+    got = next(resumed)
+    np.testing.assert_array_equal(got["i"], want["i"])
+    np.testing.assert_array_equal(got["noise"], want["noise"])
+    in_process = make_pipeline(
+        _Indices(30), global_batch_size=4, seed=3, process_index=0, process_count=1
+    )
+    with pytest.raises(ValueError, match="saved with 1 worker processes and this pipeline has 0"):
+        in_process.set_state(state)
+
+
 def test_pipeline_errors_name_the_problem():
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         make_pipeline(_Indices(10), global_batch_size=8, process_index=0, process_count=3)
-    with pytest.raises(ValueError, match="smaller than its batch"):
+    with pytest.raises(ValueError, match="smaller than one global batch"):
         make_pipeline(_Indices(3), global_batch_size=8, process_index=0, process_count=1)
 
 
@@ -368,32 +469,56 @@ def test_shapes_batches_come_out_as_float_images_with_captions(small_shapes):
         global_batch_size=8,
         seed=0,
         transform=image_caption,
+        shuffle=False,
         process_index=0,
         process_count=1,
     )
     batch = next(it)
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
-    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
-    assert len(batch["caption"]) == 8 and all(isinstance(str(c), str) for c in batch["caption"])
+    for i in range(8):  # unshuffled: row i is example i, mapped to [-1, 1]
+        np.testing.assert_array_equal(batch["image"][i], to_float(source[i]["image"]))
+        assert batch["caption"][i] == source[i]["caption"]
 
 
-def test_upsampler_views_are_an_aligned_crop_and_its_degraded_low_res_view(small_shapes):
+def _find_window(image, window):
+    size = window.shape[0]
+    for top in range(image.shape[0] - size + 1):
+        for left in range(image.shape[1] - size + 1):
+            if np.array_equal(image[top : top + size, left : left + size], window):
+                return top, left
+    return None
+
+
+def test_upsampler_views_are_a_random_crop_and_its_degraded_low_res_view(small_shapes):
     source = open_dataset("shapes:32", "train", **small_shapes)
-    example = source[0]
-    views = upsampler_views(scale=2, crop=16, kind="blur")
+    example = source[3]
+    views = upsampler_views(scale=2, crop_fraction=0.5, kind="blur")
     a = views(example, np.random.default_rng(5))
-    b = views(example, np.random.default_rng(5))
     assert a["high"].shape == (16, 16, 3) and a["low"].shape == (8, 8, 3)
-    np.testing.assert_array_equal(a["high"], b["high"])  # seeded
-    # The low view is exactly the paper's blur degradation of the high-res crop.
+    np.testing.assert_array_equal(views(example, np.random.default_rng(5))["high"], a["high"])
+    # The high view is a window of the example; different draws give different windows.
     high_uint8 = np.round((a["high"] + 1) * 127.5).astype(np.uint8)
+    assert _find_window(example["image"], high_uint8) is not None
+    windows = {
+        _find_window(
+            example["image"],
+            np.round((views(example, np.random.default_rng(s))["high"] + 1) * 127.5).astype(
+                np.uint8
+            ),
+        )
+        for s in range(8)
+    }
+    assert len(windows) > 1
+    # The low view is exactly the paper's blur degradation of the high-res crop.
     np.testing.assert_allclose(
         a["low"], to_float(make_low_res(high_uint8, scale=2, kind="blur")), atol=1e-6
     )
-    whole = upsampler_views(scale=4, crop=None, kind="bsr")(example, np.random.default_rng(0))
+    whole = upsampler_views(scale=4, crop_fraction=None, kind="bsr")(
+        example, np.random.default_rng(0)
+    )
     assert whole["high"].shape == (32, 32, 3) and whole["low"].shape == (8, 8, 3)
-    with pytest.raises(ValueError, match="not a multiple of the scale"):
-        upsampler_views(scale=4, crop=10, kind="blur")
+    with pytest.raises(ValueError, match=r"crop_fraction must be in \(0, 1\]"):
+        upsampler_views(scale=4, crop_fraction=1.5, kind="blur")
 
 
 def test_show_writes_any_dataset_for_people_to_look_at(small_shapes, tmp_path):
@@ -401,7 +526,88 @@ def test_show_writes_any_dataset_for_people_to_look_at(small_shapes, tmp_path):
     assert len(rows) == 6 and os.path.exists(tmp_path / "grid.png")
     source = open_dataset("shapes:32", "test", **small_shapes)
     assert [r["caption"] for r in rows] == [source[i]["caption"] for i in range(6)]
+    _write_folder(tmp_path / "src")
+    build_image_text(str(tmp_path / "src"), 16, str(tmp_path / "built"), test_fraction=0.0)
     with pytest.raises(ValueError, match="no split 'valid'"):
-        _write_folder(tmp_path / "src")
-        build_image_text(str(tmp_path / "src"), 16, str(tmp_path / "built"), test_fraction=0.0)
         open_dataset(str(tmp_path / "built"), "valid")
+
+
+def test_embedding_shards_read_clip_retrievals_own_names_and_null_captions(tmp_path):
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for folder in ("img_emb", "text_emb", "metadata"):
+        os.makedirs(tmp_path / folder)
+    np.save(tmp_path / "img_emb" / "img_emb_0.npy", np.ones((3, 4), np.float16))
+    np.save(tmp_path / "text_emb" / "text_emb_0.npy", np.zeros((3, 4), np.float16))
+    pq.write_table(
+        pa.table({"url": ["u0", "u1", "u2"], "caption": ["a", None, "c"]}),
+        tmp_path / "metadata" / "metadata_0.parquet",
+    )
+    shards = EmbeddingShards(str(tmp_path))
+    assert [shards[i]["caption"] for i in range(3)] == ["a", "", "c"]
+    assert shards[1]["key"] == "u1"
+    assert len(pickle.dumps(shards)) < 1000  # workers reopen the files, nothing is copied
+    pq.write_table(
+        pa.table({"url": ["u0", "u1", "u2"], "alt": ["a", "b", "c"]}),
+        tmp_path / "metadata" / "metadata_0.parquet",
+    )
+    with pytest.raises(EmbeddingShardError, match=r"no caption column .*columns: alt, url"):
+        EmbeddingShards(str(tmp_path))
+
+
+def test_embedding_shard_writes_refuse_disagreeing_dims_and_a_lost_file_is_named(tmp_path):
+    with pytest.raises(EmbeddingShardError, match="image embeddings have dim 4, text 6"):
+        write_embedding_shard(
+            str(tmp_path),
+            0,
+            img_emb=np.zeros((2, 4)),
+            text_emb=np.zeros((2, 6)),
+            keys=["a", "b"],
+            captions=["a", "b"],
+        )
+    _shard(tmp_path, 0, 3)
+    _shard(tmp_path, 1, 3)
+    os.remove(tmp_path / "img_emb" / "img_emb_0001.npy")
+    with pytest.raises(EmbeddingShardError, match=r"img_emb_0001\.npy is missing"):
+        EmbeddingShards(str(tmp_path))
+    assert not [f for f in os.listdir(tmp_path / "img_emb") if ".tmp-" in f]
+
+
+def test_cli_data_show_writes_pngs_a_grid_and_a_manifest(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unclip_jax",
+            "data",
+            "show",
+            "--data",
+            "shapes:32",
+            "--split",
+            "test",
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path / "look"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--shapes-train-size",
+            "60",
+            "--shapes-test-size",
+            "54",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    manifest = [
+        json.loads(line) for line in (tmp_path / "look" / "manifest.jsonl").read_text().splitlines()
+    ]
+    assert len(manifest) == 4 and all(
+        os.path.exists(tmp_path / "look" / m["file"]) for m in manifest
+    )
+    assert os.path.exists(tmp_path / "look" / "grid.png")

@@ -75,6 +75,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         help="start from another run's params (a fresh optimizer, step 0); "
         "same as --config.train.init_from",
     )
+    _add_distributed_args(parser)
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process runs")
     group.add_argument(
         "--distributed",
@@ -86,19 +90,24 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, default=None)
 
 
-def _run_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    import logging
-
+def _start_distributed(args: argparse.Namespace) -> None:
     from unclip_jax.parallel import initialize_distributed
-    from unclip_jax.training import CheckpointMismatchError, NonFiniteError, train_and_evaluate
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     initialize_distributed(
         enabled=args.distributed,
         coordinator_address=args.coordinator,
         num_processes=args.num_processes,
         process_id=args.process_id,
     )
+
+
+def _run_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import logging
+
+    from unclip_jax.training import CheckpointMismatchError, NonFiniteError, train_and_evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _start_distributed(args)
     if args.init_from:
         overrides = {**overrides, "train.init_from": args.init_from}
     config = load_config(args.config, overrides)
@@ -163,6 +172,18 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--n", type=int, default=16)
     show.add_argument("--out", required=True)
     show.add_argument("--data-dir", default=None, help="where built-in datasets are built")
+    show.add_argument(
+        "--shapes-train-size",
+        type=int,
+        default=None,
+        help="examples in the built-in set's train split (default 50,000)",
+    )
+    show.add_argument(
+        "--shapes-test-size",
+        type=int,
+        default=None,
+        help="examples in the built-in set's test split (default 5,400)",
+    )
 
 
 def _run_data(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -188,11 +209,69 @@ def _run_data(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 print("unclip-jax data build: error: no example survived", file=sys.stderr)
                 return 1
         else:
-            rows = show_dataset(args.data, args.split, args.n, args.out, data_dir=args.data_dir)
+            sizes = {
+                k: v
+                for k, v in (
+                    ("train_size", args.shapes_train_size),
+                    ("test_size", args.shapes_test_size),
+                )
+                if v is not None
+            }
+            rows = show_dataset(
+                args.data, args.split, args.n, args.out, data_dir=args.data_dir, **sizes
+            )
             print(f"wrote {len(rows)} examples, grid.png and manifest.jsonl to {args.out}")
     except (SourceError, FileNotFoundError, ValueError) as err:
         print(f"unclip-jax data {args.data_command}: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _add_embed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip", required=True, help="a CLIP checkpoint directory (HF layout)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="shapes:64 for the built-in set, or a built dataset's folder",
+    )
+    parser.add_argument("--out", required=True, help="where the clip-retrieval shards go")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--shard-size", type=int, default=10_000)
+    parser.add_argument("--data-dir", default=None, help="where built-in datasets are built")
+    _add_distributed_args(parser)
+
+
+def _run_embed(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import logging
+
+    from unclip_jax.convert.hf_clip import CheckpointKeyError
+    from unclip_jax.data.sources import SourceError
+    from unclip_jax.embed_job import embed_dataset
+
+    if overrides:
+        raise ConfigError("embed takes no --config overrides")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _start_distributed(args)
+    try:
+        report = embed_dataset(
+            args.clip,
+            args.data,
+            args.out,
+            split=args.split,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            data_dir=args.data_dir,
+        )
+    except (FileNotFoundError, CheckpointKeyError, SourceError, ValueError) as err:
+        print(f"unclip-jax embed: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {report.rows} rows in shards {report.written}; already complete: {report.skipped}"
+    )
     return 0
 
 
@@ -214,6 +293,12 @@ COMMANDS: tuple[Command, ...] = (
         help="build datasets from images + captions, and look at any dataset",
         add_args=_add_data_args,
         run=_run_data,
+    ),
+    Command(
+        name="embed",
+        help="embed a dataset with a CLIP into clip-retrieval shards (resumable)",
+        add_args=_add_embed_args,
+        run=_run_embed,
     ),
     Command(
         name="export",

@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-_SHARD = re.compile(r"img_emb_(\d+)\.npy$")
+_SHARD = re.compile(r"^(?:img_emb|text_emb)_(\d+)\.npy$")
+# Metadata column names, ours first, then clip-retrieval's and LAION's.
+KEY_COLUMNS = ("key", "image_path", "url", "URL")
+CAPTION_COLUMNS = ("caption", "text", "TEXT")
 
 
 class EmbeddingShardError(ValueError):
@@ -55,6 +58,10 @@ def write_embedding_shard(
     n = img_emb.shape[0]
     if img_emb.ndim != 2 or text_emb.ndim != 2:
         raise EmbeddingShardError("embeddings must be (rows, dim) arrays")
+    if img_emb.shape[1] != text_emb.shape[1]:
+        raise EmbeddingShardError(
+            f"shard {index}: image embeddings have dim {img_emb.shape[1]}, text {text_emb.shape[1]}"
+        )
     lengths = {
         "img_emb": n,
         "text_emb": text_emb.shape[0],
@@ -69,31 +76,66 @@ def write_embedding_shard(
     for path in paths.values():
         os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = {k: f"{p}.tmp-{os.getpid()}" for k, p in paths.items()}
-    with open(tmp["img_emb"], "wb") as f:
-        np.save(f, img_emb)
-    with open(tmp["text_emb"], "wb") as f:
-        np.save(f, text_emb)
-    with open(tmp["metadata"], "w", encoding="utf-8") as f:
-        for i in range(n):
-            row = {"key": str(keys[i]), "caption": str(captions[i])}
-            for name, values in (extra or {}).items():
-                row[name] = values[i]
-            f.write(json.dumps(row) + "\n")
-    for name, path in paths.items():
-        os.replace(tmp[name], path)
+    try:
+        with open(tmp["img_emb"], "wb") as f:
+            np.save(f, img_emb)
+        with open(tmp["text_emb"], "wb") as f:
+            np.save(f, text_emb)
+        with open(tmp["metadata"], "w", encoding="utf-8") as f:
+            for i in range(n):
+                row = {"key": str(keys[i]), "caption": str(captions[i])}
+                for name, values in (extra or {}).items():
+                    value = values[i]
+                    row[name] = value.item() if isinstance(value, np.generic) else value
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for name, path in paths.items():  # metadata last: its presence marks a complete shard
+            os.replace(tmp[name], path)
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
     return paths
 
 
-def _read_metadata(directory: str, index: int) -> tuple[str, list[dict[str, Any]]]:
-    base = os.path.join(directory, "metadata", f"metadata_{index:04d}")
-    if os.path.exists(base + ".jsonl"):
-        with open(base + ".jsonl", encoding="utf-8") as f:
-            return base + ".jsonl", [json.loads(line) for line in f if line.strip()]
-    if os.path.exists(base + ".parquet"):
+def _metadata_path(directory: str, suffix: str) -> str:
+    base = os.path.join(directory, "metadata", f"metadata_{suffix}")
+    for ext in (".jsonl", ".parquet"):
+        if os.path.exists(base + ext):
+            return base + ext
+    raise EmbeddingShardError(f"shard {suffix}: no metadata file {base}.jsonl or {base}.parquet")
+
+
+def _read_metadata(path: str) -> tuple[list[str], list[str]]:
+    """(keys, captions) of a metadata file; only those two columns are read."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        columns = set(rows[0]) if rows else set(KEY_COLUMNS[:1] + CAPTION_COLUMNS[:1])
+        table = None
+    else:
         import pyarrow.parquet as pq  # a dependency of tensorflow-datasets
 
-        return base + ".parquet", pq.read_table(base + ".parquet").to_pylist()
-    raise EmbeddingShardError(f"shard {index}: no metadata file {base}.jsonl or {base}.parquet")
+        columns = set(pq.read_schema(path).names)
+        rows, table = None, pq
+    key = next((c for c in KEY_COLUMNS if c in columns), None)
+    caption = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if caption is None:
+        raise EmbeddingShardError(
+            f"{path}: no caption column (one of {', '.join(CAPTION_COLUMNS)}); columns: "
+            f"{', '.join(sorted(columns))}"
+        )
+    if rows is None:
+        wanted = [c for c in (key, caption) if c is not None]
+        data = table.read_table(path, columns=wanted).to_pydict()
+        keys = data[key] if key else [""] * len(data[caption])
+        captions = data[caption]
+    else:
+        keys = [r.get(key, "") if key else "" for r in rows]
+        captions = [r.get(caption) for r in rows]
+    # A null caption (a failed download's row) is kept as "" so rows stay aligned.
+    return ["" if k is None else str(k) for k in keys], [
+        "" if c is None else str(c) for c in captions
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,25 +156,37 @@ class EmbeddingShards:
     """
 
     def __init__(self, directory: str, *, expected_dim: int | None = None) -> None:
-        img_dir = os.path.join(directory, "img_emb")
+        self.directory = directory
+        self.expected_dim = expected_dim
+        self._open()
+
+    def _open(self) -> None:
+        directory, dim = self.directory, self.expected_dim
+        img_dir, text_dir = os.path.join(directory, "img_emb"), os.path.join(directory, "text_emb")
         if not os.path.isdir(img_dir):
             raise EmbeddingShardError(f"no embedding shards: {img_dir!r} does not exist")
-        indices = sorted(
-            int(m.group(1)) for name in os.listdir(img_dir) if (m := _SHARD.search(name))
-        )
-        if not indices:
-            raise EmbeddingShardError(f"no img_emb_NNNN.npy files in {img_dir!r}")
-        self.directory = directory
+        # clip-retrieval pads shard numbers to its partition count's width (img_emb_0.npy for
+        # fewer than 10 partitions): keep each file's own suffix.
+        suffixes = {}
+        for folder in (img_dir, text_dir):
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if m := _SHARD.match(name):
+                    suffixes.setdefault(int(m.group(1)), m.group(1))
+        if not suffixes:
+            raise EmbeddingShardError(f"no img_emb_N.npy files in {img_dir!r}")
         self._shards: list[_Shard] = []
-        dim = expected_dim
-        for index in indices:
-            paths = shard_paths(directory, index)
-            if not os.path.exists(paths["text_emb"]):
-                raise EmbeddingShardError(f"shard {index}: {paths['text_emb']} is missing")
-            img = np.load(paths["img_emb"], mmap_mode="r")
-            text = np.load(paths["text_emb"], mmap_mode="r")
-            meta_path, rows = _read_metadata(directory, index)
-            for path, array in ((paths["img_emb"], img), (paths["text_emb"], text)):
+        for index in sorted(suffixes):
+            suffix = suffixes[index]
+            img_path = os.path.join(img_dir, f"img_emb_{suffix}.npy")
+            text_path = os.path.join(text_dir, f"text_emb_{suffix}.npy")
+            for path in (img_path, text_path):
+                if not os.path.exists(path):
+                    raise EmbeddingShardError(f"shard {suffix}: {path} is missing")
+            img = np.load(img_path, mmap_mode="r")
+            text = np.load(text_path, mmap_mode="r")
+            meta_path = _metadata_path(directory, suffix)
+            keys, captions = _read_metadata(meta_path)
+            for path, array in ((img_path, img), (text_path, text)):
                 if array.ndim != 2:
                     raise EmbeddingShardError(
                         f"{path}: expected (rows, dim), got shape {array.shape}"
@@ -143,20 +197,22 @@ class EmbeddingShards:
                     raise EmbeddingShardError(
                         f"{path}: embedding dimension {array.shape[1]}, expected {dim}"
                     )
-            counts = {
-                paths["img_emb"]: img.shape[0],
-                paths["text_emb"]: text.shape[0],
-                meta_path: len(rows),
-            }
+            counts = {img_path: img.shape[0], text_path: text.shape[0], meta_path: len(keys)}
             if len(set(counts.values())) != 1:
                 raise EmbeddingShardError(
                     "row counts disagree: " + ", ".join(f"{p}: {n}" for p, n in counts.items())
                 )
-            keys = [str(r.get("key", r.get("image_path", ""))) for r in rows]
-            captions = [str(r.get("caption", "")) for r in rows]
             self._shards.append(_Shard(img, text, keys, captions))
         self.dim = int(dim)
         self._offsets = np.cumsum([0] + [s.img_emb.shape[0] for s in self._shards])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for grain's worker processes: reopen the files there, don't copy them.
+        return {"directory": self.directory, "expected_dim": self.expected_dim}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.directory, self.expected_dim = state["directory"], state["expected_dim"]
+        self._open()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

@@ -11,17 +11,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import logging
 import os
 import zlib
 
-import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from unclip_jax.data.images import resize_shorter_side_and_center_crop, to_rgb_array
-from unclip_jax.data.sources import SourceError, detect_format, iter_keys, iter_source
+from unclip_jax.data.sources import SourceError, detect_format, iter_source
 
-SKIP_REASONS = ("undecodable", "too_small", "no_caption")
+log = logging.getLogger("unclip_jax.data")
+
+SKIP_REASONS = ("undecodable", "too_small", "no_caption", "duplicate_key")
 
 
 @dataclasses.dataclass
@@ -62,20 +64,22 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
         del dl_manager
         if self.source is None:
             raise SourceError("ImageText needs a source folder or webdataset to build from")
-        # tfds cannot write an empty split: make `test` only if some key falls in it.
-        splits = {"train"}
-        if any(self._in_test(key) for key in iter_keys(self.source)):
-            splits.add("test")
-        return {split: self._generate_examples(split=split) for split in sorted(splits)}
+        splits = ("train", "test") if self.builder_config.test_fraction > 0 else ("train",)
+        return {split: self._generate_examples(split=split) for split in splits}
 
     def _in_test(self, key: str) -> bool:
         return zlib.crc32(key.encode()) % 10_000 < self.builder_config.test_fraction * 10_000
 
     def _generate_examples(self, split: str):
         config = self.builder_config
+        seen: set[str] = set()
         for raw in iter_source(self.source):
             if self._in_test(raw.key) != (split == "test"):
                 continue
+            if raw.key in seen:  # e.g. a.jpg beside a.png: one caption file for two images
+                self.counts["duplicate_key"] += 1
+                continue
+            seen.add(raw.key)
             if raw.caption is None:
                 self.counts["no_caption"] += 1
                 continue
@@ -132,11 +136,14 @@ def build_image_text(
         )
     try:
         builder.download_and_prepare(file_format="array_record")
-    except AssertionError as err:  # tfds's writer asserts that a split is not empty
-        raise SourceError(
-            f"no usable example for a split of {source!r} ({dict(builder.counts)}): {err}; "
-            "with few examples, pass --test-fraction 0"
-        ) from err
+    except AssertionError as err:  # tfds's writer refuses an empty split
+        if config.test_fraction == 0:
+            raise SourceError(f"no usable example in {source!r} ({dict(builder.counts)})") from err
+        # Every example hashed into `test` was skipped (a small source): build train only.
+        log.warning("no example of the test split survived; building the train split only")
+        return build_image_text(
+            source, resolution, out, min_size=config.min_size, test_fraction=0.0
+        )
     written = {s: builder.counts[f"written_{s}"] for s in ("train", "test")}
     skipped = {reason: builder.counts[reason] for reason in SKIP_REASONS}
     return BuildReport(path=builder.data_dir, written=written, skipped=skipped)
@@ -156,10 +163,3 @@ def find_dataset_dir(path: str) -> str:
     if len(found) > 1:
         raise ValueError(f"several datasets under {path!r}; pass one of: {', '.join(found)}")
     return found[0]
-
-
-def decode_caption(value: str | bytes | np.ndarray) -> str:
-    """tfds Text features come back as bytes from a data source: as str."""
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

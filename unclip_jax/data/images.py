@@ -6,11 +6,23 @@ Images are uint8 HWC RGB arrays until the pipeline maps them to float32 in [-1, 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """A PIL image of any mode as a uint8 (H, W, 3) RGB array (alpha composited on white)."""
+    """A PIL image of any mode as a uint8 (H, W, 3) RGB array, upright.
+
+    EXIF orientation is applied; alpha is composited on white; 16-bit and 32-bit integer or
+    float grey images are scaled to 8 bits (PIL's own conversion would clip them to white).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if image.mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

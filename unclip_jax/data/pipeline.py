@@ -71,6 +71,37 @@ def open_dataset(
     return DecodedSource(builder.as_data_source(split=split))
 
 
+class PipelineIterator:
+    """A batch iterator whose state is a JSON-able dict, restorable to the same next batch.
+
+    The state records the worker count: grain's state format differs with and without worker
+    processes, so restoring across a change of `worker_count` is a clear error.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, worker_count: int) -> None:
+        self._iterator = iterator
+        self._worker_count = worker_count
+
+    def __iter__(self) -> PipelineIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        """The position, as a JSON-able dict."""
+        return {"worker_count": self._worker_count, "grain": self._iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from a position `get_state` returned."""
+        if state.get("worker_count") != self._worker_count:
+            raise ValueError(
+                f"the data position was saved with {state.get('worker_count')} worker processes "
+                f"and this pipeline has {self._worker_count}: use the same data.workers to resume"
+            )
+        self._iterator.set_state(state["grain"])
+
+
 def make_pipeline(
     source: Any,
     *,
@@ -82,14 +113,20 @@ def make_pipeline(
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
-) -> grain.DatasetIterator:
+    drop_remainder: bool = True,
+    read_threads: int = 8,
+) -> PipelineIterator:
     """This process's iterator of batches of `global_batch_size / process_count` examples.
 
-    The process reads examples process_index, process_index + N, ... of `source`; with
-    `shuffle`, each epoch is a fresh permutation (seeded, so the same for the same seed);
-    `transform(example, rng)` gets a generator seeded by (seed, position), so augmentations are
-    reproducible and resume exactly. num_epochs None repeats forever. worker_count > 0 decodes
-    in that many worker processes.
+    One global stream is defined for every process count: the examples in a seeded permutation
+    that is fresh each epoch (`shuffle`), each transformed by `transform(example, rng)` with
+    `rng` seeded by (seed, position in the stream). Process p takes positions p, p + N, ...
+    of it, so the processes' shares are disjoint, together cover the stream, draw different
+    augmentations, and every global batch is one contiguous window of the stream, whatever N
+    is. With a finite `num_epochs` the stream is cut to a multiple of N, so every process gets
+    as many batches. num_epochs None repeats forever. worker_count > 0 decodes in that many
+    worker processes; read_threads read ahead (about two batches) in this one.
+    drop_remainder False keeps a last, smaller batch (for jobs that see every example once).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -98,20 +135,24 @@ def make_pipeline(
             f"global batch {global_batch_size} does not split over {process_count} processes"
         )
     local_batch = global_batch_size // process_count
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < local_batch:
+    if drop_remainder and len(source) < global_batch_size:
         raise ValueError(
-            f"this process's share of the data ({len(ds)} examples) is smaller than its batch "
-            f"({local_batch})"
+            f"the dataset ({len(source)} examples) is smaller than one global batch "
+            f"({global_batch_size})"
         )
-    ds = ds.seed(seed)
+    ds = grain.MapDataset.source(source).seed(seed)
     if shuffle:
-        ds = ds.shuffle()
+        ds = ds.shuffle()  # a new permutation every epoch once repeated
     ds = ds.repeat(num_epochs)
     if transform is not None:
-        ds = ds.random_map(transform)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    iter_ds = ds.to_iter_dataset()
+        ds = ds.random_map(transform)  # seeded by the position in the global stream
+    if num_epochs is not None:
+        ds = ds[: len(ds) // process_count * process_count]
+    ds = ds[process_index::process_count]
+    # Read ahead a couple of batches of examples, not hundreds of batches (grain's default
+    # buffer of 500 elements would hold 500 whole batches if batching came first).
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_batch)
+    iter_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=drop_remainder)
     if worker_count > 0:
         # grain's worker processes read absl flags; a program that never parsed them (anything
         # but an absl app) makes every worker fail with UnparsedFlagAccessError.
@@ -120,7 +161,7 @@ def make_pipeline(
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(iter_ds)
+    return PipelineIterator(iter(iter_ds), worker_count)
 
 
 def image_caption(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -129,24 +170,29 @@ def image_caption(example: dict[str, Any], rng: np.random.Generator) -> dict[str
     return {"image": to_float(example["image"]), "caption": example["caption"]}
 
 
-def upsampler_views(*, scale: int, crop: int | None, kind: str) -> Transform:
-    """The upsamplers' view of an example: a random `crop` of the high-res image (None: whole)
-    and its low-res, degraded view (kind 'none', 'blur' or 'bsr'), both float32 in [-1, 1].
+def upsampler_views(*, scale: int, crop_fraction: float | None, kind: str) -> Transform:
+    """The upsamplers' view of an example: a random square crop of `crop_fraction` of the
+    high-res side (None: the whole image; the paper trains on 1/4) and its low-res, degraded
+    view (kind 'none', 'blur' or 'bsr'), both float32 in [-1, 1].
 
-    The crop is taken first and degraded after, as latent diffusion does for BSR: the same
-    region either way, and degrading 1/16 of the pixels is what keeps the 256->1024 stage fed.
+    The crop side is rounded down to a multiple of `scale`. The crop is taken first and
+    degraded after, as latent diffusion does for BSR: the same region either way, and degrading
+    1/16 of the pixels is what keeps the 256->1024 stage fed.
     """
     from unclip_jax.data.degradations import make_low_res
 
-    if crop is not None and crop % scale:
-        raise ValueError(f"crop {crop} is not a multiple of the scale {scale}")
+    if crop_fraction is not None and not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
 
     def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         high = example["image"]
-        if crop is not None:
+        if crop_fraction is not None:
             h, w = high.shape[:2]
-            if crop > min(h, w):
-                raise ValueError(f"crop {crop} is larger than the image ({h}x{w})")
+            crop = int(min(h, w) * crop_fraction) // scale * scale
+            if crop < scale:
+                raise ValueError(
+                    f"a {crop_fraction} crop of a {h}x{w} image is below the scale {scale}"
+                )
             top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
             high = high[top : top + crop, left : left + crop]
         low = make_low_res(high, scale=scale, kind=kind, rng=rng)

@@ -59,7 +59,7 @@ def write_examples(
     caption_grid(images, captions, scale=scale).save(os.path.join(out, "grid.png"))
     with open(os.path.join(out, "manifest.jsonl"), "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return rows
 
 
@@ -72,9 +72,9 @@ def show_dataset(
     """
     from unclip_jax.data.pipeline import open_dataset
 
-    source = open_dataset(spec, split, data_dir=data_dir, **shapes_sizes)
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
+    source = open_dataset(spec, split, data_dir=data_dir, **shapes_sizes)
     n = min(n, len(source))
     examples = [source[i] for i in range(n)]
     return write_examples([e["image"] for e in examples], [e["caption"] for e in examples], out)

@@ -60,12 +60,16 @@ def iter_folder(path: str) -> Iterator[RawExample]:
             caption_path = os.path.join(root, stem + ".txt")
             caption = None
             if os.path.exists(caption_path):
-                with open(caption_path, encoding="utf-8", errors="replace") as f:
+                # utf-8-sig: a byte-order mark is not part of the caption.
+                with open(caption_path, encoding="utf-8-sig", errors="replace") as f:
                     caption = _clean(f.read())
             with open(image_path, "rb") as f:
                 image_bytes = f.read()
             key = os.path.splitext(os.path.relpath(image_path, path))[0]
             yield RawExample(key=key, image_bytes=image_bytes, caption=caption)
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def _tar_paths(path: str) -> list[str]:
@@ -75,8 +79,17 @@ def _tar_paths(path: str) -> list[str]:
         os.path.join(root, name)
         for root, _, files in os.walk(path)
         for name in files
-        if name.endswith(".tar")
+        if name.endswith(TAR_SUFFIXES)
     )
+
+
+def _shard_name(tar_path: str, root: str) -> str:
+    """The shard's path relative to the source root, without its suffix (unique per source)."""
+    rel = os.path.relpath(tar_path, root) if os.path.isdir(root) else os.path.basename(tar_path)
+    for suffix in TAR_SUFFIXES:
+        if rel.endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
 
 
 def iter_webdataset(path: str) -> Iterator[RawExample]:
@@ -108,13 +121,15 @@ def iter_webdataset(path: str) -> Iterator[RawExample]:
                     groups[key] = {}
                     order.append(key)
                 groups[key][ext.lower()] = extracted.read()
-            shard = os.path.splitext(os.path.basename(tar_path))[0]
+            shard = _shard_name(tar_path, path)
             for key in order:
                 parts = groups[key]
-                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+                image = next((parts[e[1:]] for e in IMAGE_EXTENSIONS if e[1:] in parts), None)
                 if image is None:
                     continue  # metadata-only entries (e.g. failed downloads) have no image
-                caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else None
+                caption = (
+                    _clean(parts["txt"].decode("utf-8-sig", "replace")) if "txt" in parts else None
+                )
                 if caption is None and "json" in parts:
                     caption = _caption_from_json(parts["json"])
                 yield RawExample(key=f"{shard}/{key}", image_bytes=image, caption=_clean(caption))
@@ -128,10 +143,19 @@ def detect_format(path: str) -> str:
     if not os.path.exists(path):
         raise SourceError(f"data source not found: {path!r}")
     if os.path.isfile(path):
-        if path.endswith(".tar"):
+        if path.endswith(TAR_SUFFIXES):
             return "webdataset"
         raise SourceError(f"data source {path!r} is a file but not a .tar webdataset shard")
     if _tar_paths(path):
+        has_images = any(
+            os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            for _, _, fs in os.walk(path)
+            for f in fs
+        )
+        if has_images:
+            raise SourceError(
+                f"data source {path!r} holds both images and .tar shards: point it at one kind"
+            )
         return "webdataset"
     for _, _, files in os.walk(path):
         if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
@@ -140,29 +164,6 @@ def detect_format(path: str) -> str:
         f"data source {path!r} is empty: no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar "
         "shards in it"
     )
-
-
-def iter_keys(path: str) -> Iterator[str]:
-    """The keys `iter_source` would yield, without reading images (tar headers only)."""
-    if detect_format(path) == "folder":
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    yield os.path.splitext(os.path.relpath(os.path.join(root, name), path))[0]
-        return
-    for tar_path in _tar_paths(path):
-        shard = os.path.splitext(os.path.basename(tar_path))[0]
-        with tarfile.open(tar_path) as archive:
-            seen: set[str] = set()
-            for member in archive:
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                if member.isfile() and ext.lower() in ("jpg", "jpeg", "png", "webp"):
-                    key = os.path.join(os.path.dirname(member.name), key)
-                    if key not in seen:
-                        seen.add(key)
-                        yield f"{shard}/{key}"
 
 
 def iter_source(path: str) -> Iterator[RawExample]:

@@ -68,7 +68,7 @@ class Stage:
 StageBuilder = Callable[[ml_collections.ConfigDict], Stage]
 _REGISTRY: dict[str, StageBuilder] = {}
 # Modules that register the project's stages when imported (added as stages land).
-STAGE_MODULES: tuple[str, ...] = ()
+STAGE_MODULES: tuple[str, ...] = ("unclip_jax.training.clip_stage",)
 
 
 def register_stage(name: str) -> Callable[[StageBuilder], StageBuilder]:

@@ -1,0 +1,1 @@
+"""Importers for published weights (Hugging Face CLIP, Karlo in diffusers layout)."""

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval with CLIP, Frechet distances, CLIP score, sharded runners."""

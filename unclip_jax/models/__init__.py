@@ -1,0 +1,1 @@
+"""Flax linen modules: CLIP, the priors, the decoder and upsampler U-Nets, shared layers."""

@@ -1,0 +1,167 @@
+"""The `clip` stage: CLIP trained from scratch with the contrastive loss (`configs/clip.py`).
+
+The tokenizer is a byte-level BPE trained on the training captions (or read from
+`model.tokenizer_dir`); at the end of training the EMA params, the tokenizer and the
+preprocessing config are written to WORKDIR/clip in Hugging Face's layout, so the result loads
+with `clip.load_pretrained` like a downloaded CLIP, and text -> image retrieval on the test split
+is logged (overall and per attribute on `shapes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unclip_jax.clip import CLIP_MEAN, CLIP_STD, preprocess_images, save_pretrained
+from unclip_jax.data.pipeline import make_pipeline, open_dataset
+from unclip_jax.evaluation.retrieval import text_to_image_top1
+from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
+from unclip_jax.models.clip_tokenizer import ClipTokenizer
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
+
+log = logging.getLogger("unclip_jax.train")
+
+
+def dataset_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+    """(open_dataset spec, keyword arguments) of a stage config's `data` block."""
+    data = config.data
+    if data.dataset == "shapes":
+        sizes = {k: data[k] for k in ("train_size", "test_size") if data.get(k)}
+        return f"shapes:{data.resolution}", {"data_dir": data.data_dir or None, **sizes}
+    if not data.data_dir:
+        raise ValueError("data.data_dir must name a dataset built with `unclip-jax data build`")
+    return data.data_dir, {}
+
+
+def clip_tokenizer(config: ml_collections.ConfigDict, source: Any) -> ClipTokenizer:
+    """The run's tokenizer: read from model.tokenizer_dir, or trained on training captions."""
+    if config.model.get("tokenizer_dir"):
+        return ClipTokenizer.from_dir(config.model.tokenizer_dir)
+    count = min(len(source), config.model.get("tokenizer_captions", 10_000))
+    captions = [str(source[i]["caption"]) for i in range(count)]
+    return ClipTokenizer.train(captions, vocab_size=config.model.vocab_size)
+
+
+def _image_text_transform(size: int, tokenizer: ClipTokenizer, context_length: int) -> Any:
+    def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        del rng
+        ids, mask = tokenizer([str(example["caption"])], context_length=context_length)
+        pixels = preprocess_images([example["image"]], size)[0]
+        return {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels}
+
+    return transform
+
+
+def _retrieval_hook(
+    config: ml_collections.ConfigDict,
+    model: CLIP,
+    tokenizer: ClipTokenizer,
+    clip_config: ClipConfig,
+) -> Hook:
+    spec, kwargs = dataset_spec(config)
+
+    def run(ctx: HookContext) -> dict[str, float]:
+        test = open_dataset(spec, "test", **kwargs)
+        n = min(len(test), config.eval.num_examples)
+        examples = [test[i] for i in range(n)]
+        ids, mask = tokenizer(
+            [str(e["caption"]) for e in examples], context_length=clip_config.context_length
+        )
+        pixels = preprocess_images([e["image"] for e in examples], clip_config.vision.image_size)
+        params = ctx.state.ema_params
+        encode_text = jax.jit(
+            lambda p, i, m: model.apply({"params": p}, i, m, method="encode_text")
+        )
+        encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+        batch = 256
+        z_t = np.concatenate(
+            [
+                np.asarray(encode_text(params, ids[i : i + batch], mask[i : i + batch]))
+                for i in range(0, n, batch)
+            ]
+        )
+        z_i = np.concatenate(
+            [np.asarray(encode_image(params, pixels[i : i + batch])) for i in range(0, n, batch)]
+        )
+        labels = None
+        if "labels" in examples[0]:
+            labels = {
+                k: np.array([e["labels"][k] for e in examples]) for k in examples[0]["labels"]
+            }
+        scores = text_to_image_top1(z_t, z_i, labels)
+        log.info("text->image top-1 on %d test examples: %s", n, scores)
+        return scores
+
+    return Hook("retrieval", config.eval.every, run)
+
+
+def _export_hook(
+    config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, clip_config: ClipConfig
+) -> Hook:
+    def run(ctx: HookContext) -> None:
+        if ctx.step != config.train.steps:
+            return None
+        params = jax.device_get(ctx.state.ema_params)
+        if jax.process_index() == 0:
+            out = os.path.join(ctx.workdir, "clip")
+            save_pretrained(
+                out, clip_config, params, tokenizer, image_mean=CLIP_MEAN, image_std=CLIP_STD
+            )
+            log.info("wrote the trained CLIP (EMA params) to %s", out)
+        return None
+
+    return Hook("export", config.train.steps, run)
+
+
+@register_stage("clip")
+def build_clip_stage(config: ml_collections.ConfigDict) -> Stage:
+    """CLIP from scratch: init, the symmetric contrastive loss, image-text batches, hooks."""
+    spec, kwargs = dataset_spec(config)
+    train_source = open_dataset(spec, "train", **kwargs)
+    tokenizer = clip_tokenizer(config, train_source)
+    clip_config = ClipConfig.from_model_config(
+        {
+            **config.model.to_dict(),
+            "vocab_size": tokenizer.vocab_size,
+            "eos_token_id": tokenizer.eos_id,
+        }
+    )
+    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    model = CLIP(clip_config, dtype=dtype)
+    size, length = clip_config.vision.image_size, clip_config.context_length
+
+    def init_params(rng: jax.Array) -> Any:
+        return model.init(
+            rng, jnp.zeros((1, length), jnp.int32), None, jnp.zeros((1, size, size, 3))
+        )["params"]
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
+        del rng
+        z_t, z_i, scale = model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"]
+        )
+        return contrastive_loss(z_t, z_i, scale)
+
+    transform = _image_text_transform(size, tokenizer, length)
+
+    def make_data(process_index: int, process_count: int) -> Any:
+        return make_pipeline(
+            train_source,
+            global_batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            transform=transform,
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=config.data.get("workers", 0),
+        )
+
+    hooks = [_export_hook(config, tokenizer, clip_config)]
+    if config.eval.every > 0:
+        hooks.insert(0, _retrieval_hook(config, model, tokenizer, clip_config))
+    return Stage(init_params=init_params, loss_fn=loss_fn, make_data=make_data, hooks=tuple(hooks))
