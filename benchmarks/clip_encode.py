@@ -1,9 +1,11 @@
 """Images per second through CLIP's image tower at the ViT-B/32 shape: ours vs transformers.
 
     python benchmarks/clip_encode.py [--batch 32] [--repeats 5] [--dtype float32]
+        [--vit b32|l14] [--torch-device cpu|cuda]
 
 Random weights (the shape is what matters for speed); the same pixels go through our jitted
-`encode_image` and through transformers' PyTorch `CLIPModel` (vision tower + projection) in the
+image tower (`encode_pixels`; `encode_image`, which adds the host preprocessing, is timed too)
+and through transformers' PyTorch `CLIPModel` (vision tower + projection) in the
 same run, so the ratio is fair on a shared machine. Needs the `peers` extra for the comparison.
 """
 
@@ -21,20 +23,47 @@ import numpy as np
 from unclip_jax import clip
 from unclip_jax.models.clip import ClipConfig, TextConfig, VisionConfig
 
-VIT_B32 = ClipConfig(
-    text=TextConfig(
-        hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
-    ),
-    vision=VisionConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=32,
-    ),
-    projection_dim=512,
+TEXT_B = TextConfig(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    eos_token_id=2,  # as OpenAI's configs: pool at argmax(input_ids)
 )
+SHAPES = {
+    # openai/clip-vit-base-patch32
+    "b32": ClipConfig(
+        text=TEXT_B,
+        projection_dim=512,
+        vision=VisionConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+        ),
+    ),
+    # openai/clip-vit-large-patch14 (the image tower of Karlo's embeddings)
+    "l14": ClipConfig(
+        projection_dim=768,
+        text=TextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            eos_token_id=2,
+        ),
+        vision=VisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
+    ),
+}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -53,15 +82,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--vit", default="b32", choices=sorted(SHAPES))
+    parser.add_argument("--torch-device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     import torch
     import transformers
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    config = SHAPES[args.vit]
+    hf = config.to_hf_dict()
     hf_config = transformers.CLIPConfig(
-        text_config=VIT_B32.to_hf_dict()["text_config"],
-        vision_config=VIT_B32.to_hf_dict()["vision_config"],
-        projection_dim=512,
+        text_config=hf["text_config"],
+        vision_config=hf["vision_config"],
+        projection_dim=config.projection_dim,
     )
     torch.manual_seed(0)
     peer = transformers.CLIPModel(hf_config).eval()
@@ -71,30 +103,42 @@ def main() -> None:
 
         ClipTokenizer.train(["a photo of a cat", "a dog"] * 10, vocab_size=600).save(tmp)
         ours = clip.load_pretrained(tmp, dtype=getattr(jnp, args.dtype))
-    pixels = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
+    size = config.vision.image_size
+    pixels = (
+        np.random.default_rng(0).standard_normal((args.batch, size, size, 3)).astype(np.float32)
+    )
     device_pixels = jax.device_put(pixels)
 
     ours_s = median_seconds(
         lambda: ours.encode_pixels(device_pixels).block_until_ready(), args.repeats
     )
-    torch_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+    # encode_image: uint8 photos of another size, with CLIP's preprocessing on the host.
+    photos = np.random.default_rng(1).integers(0, 256, (args.batch, 256, 320, 3), np.uint8)
+    image_s = median_seconds(lambda: ours.encode_image(photos).block_until_ready(), args.repeats)
+    torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    peer = peer.to(args.torch_device, dtype=torch_dtype)
+    torch_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(
+        args.torch_device, torch_dtype
+    )
 
     def run_peer() -> None:
         with torch.no_grad():
             peer.visual_projection(peer.vision_model(pixel_values=torch_pixels).pooler_output)
+        if args.torch_device == "cuda":
+            torch.cuda.synchronize()
 
     peer_s = median_seconds(run_peer, args.repeats)
     print(
-        f"ViT-B/32 image tower, batch {args.batch}, {jax.devices()[0].device_kind}, "
-        f"torch threads {torch.get_num_threads()}"
+        f"ViT-{args.vit.upper()} image tower, batch {args.batch}, {args.dtype}, jax on "
+        f"{jax.devices()[0].device_kind}, torch on {args.torch_device} "
+        f"({torch.get_num_threads()} threads)"
     )
+    print(f"  unclip_jax:   {args.batch / ours_s:8.1f} images/s ({ours_s * 1e3:.1f} ms/batch)")
     print(
-        f"unclip_jax ({args.dtype}): {args.batch / ours_s:7.1f} images/s ({ours_s * 1e3:.0f} ms/batch)"
+        f"  unclip_jax encode_image (256x320 uint8, host preprocessing): {args.batch / image_s:.1f} images/s"
     )
-    print(
-        f"transformers (float32): {args.batch / peer_s:7.1f} images/s ({peer_s * 1e3:.0f} ms/batch)"
-    )
-    print(f"ratio ours / transformers: {peer_s / ours_s:.2f}x")
+    print(f"  transformers: {args.batch / peer_s:8.1f} images/s ({peer_s * 1e3:.1f} ms/batch)")
+    print(f"  ours / transformers: {peer_s / ours_s:.2f}x")
 
 
 if __name__ == "__main__":

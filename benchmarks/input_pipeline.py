@@ -59,13 +59,13 @@ def main() -> None:
             high,
             upsampler_views(scale=scale, crop_fraction=0.25, kind=kind),
         )
-    for name, transform in views.items():
+    for name, (data, transform) in views.items():
         for workers in args.workers:
             seconds = time_pipeline(
-                source, batch=args.batch, transform=transform, workers=workers, batches=args.batches
+                data, batch=args.batch, transform=transform, workers=workers, batches=args.batches
             )
             print(
-                f"{name:28s} workers={workers}: {1 / seconds:7.2f} batches/s, "
+                f"{name:36s} workers={workers}: {1 / seconds:7.2f} batches/s, "
                 f"{args.batch / seconds:8.0f} images/s"
             )
 

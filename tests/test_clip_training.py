@@ -39,11 +39,24 @@ def test_clip_trains_and_exports_a_loadable_checkpoint(trained_clip):
     for name in ("exact", "all_attributes", "background", "shape", "colour", "size", "position"):
         assert 0.0 <= retrieval[f"retrieval/{name}"] <= 1.0
     m = clip.load_pretrained(str(workdir / "clip"))
-    assert m.encode_text(["a small red circle in the top left on a gray background"]).shape == (
-        1,
-        16,
-    )
     assert m.tokenizer.vocab_size <= m.config.text.vocab_size
+    assert m.tokenizer.model_max_length == m.config.context_length
+    # The exported weights are the run's final EMA params, and the tokenizer the run's.
+    from unclip_jax.training import checkpoint_manager, restore_subtrees
+
+    with checkpoint_manager(workdir / "checkpoints", read_only=True) as manager:
+        step = manager.latest_step()
+    import jax
+
+    ema, _ = restore_subtrees(
+        str(workdir / "checkpoints"),
+        {"ema_params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), m.params)},
+        step,
+    )
+    caption = ["a small red circle in the top left on a gray background"]
+    ids, mask = m.tokenize(caption)
+    expected = m.model.apply({"params": ema["ema_params"]}, ids, mask, method="encode_text")
+    np.testing.assert_allclose(m.encode_text(caption), expected, atol=1e-6)
 
 
 def test_the_embedding_job_writes_every_row_once_and_resumes(trained_clip, tmp_path):
@@ -75,6 +88,23 @@ def test_the_embedding_job_writes_every_row_once_and_resumes(trained_clip, tmp_p
     np.testing.assert_allclose(
         shards[5]["img_emb"], np.asarray(m.encode_image([example["image"]]))[0], atol=1e-3
     )
+
+
+def test_resuming_the_embedding_job_with_other_settings_is_refused(trained_clip, tmp_path):
+    workdir, data_dir = trained_clip
+    kwargs = dict(split="test", batch_size=8, data_dir=data_dir, train_size=64, test_size=54)
+    embed_dataset(str(workdir / "clip"), "shapes:32", str(tmp_path), shard_size=30, **kwargs)
+    with pytest.raises(ValueError, match="shard_size: 30 -> 20"):
+        embed_dataset(str(workdir / "clip"), "shapes:32", str(tmp_path), shard_size=20, **kwargs)
+    with pytest.raises(ValueError, match="split: 'test' -> 'train'"):
+        embed_dataset(
+            str(workdir / "clip"),
+            "shapes:32",
+            str(tmp_path),
+            shard_size=30,
+            **{**kwargs, "split": "train"},
+        )
+    assert len(EmbeddingShards(str(tmp_path))) == 54  # nothing was added
 
 
 def test_processes_embed_disjoint_shards(trained_clip, tmp_path):

@@ -239,7 +239,14 @@ def _add_embed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    parser.add_argument("--shard-size", type=int, default=10_000)
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="rows per shard (default: min(10,000, rows / processes))",
+    )
+    parser.add_argument("--shapes-train-size", type=int, default=None)
+    parser.add_argument("--shapes-test-size", type=int, default=None)
     parser.add_argument("--data-dir", default=None, help="where built-in datasets are built")
     _add_distributed_args(parser)
 
@@ -256,6 +263,14 @@ def _run_embed(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _start_distributed(args)
     try:
+        sizes = {
+            k: v
+            for k, v in (
+                ("train_size", args.shapes_train_size),
+                ("test_size", args.shapes_test_size),
+            )
+            if v is not None
+        }
         report = embed_dataset(
             args.clip,
             args.data,
@@ -265,6 +280,7 @@ def _run_embed(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             dtype=args.dtype,
             shard_size=args.shard_size,
             data_dir=args.data_dir,
+            **sizes,
         )
     except (FileNotFoundError, CheckpointKeyError, SourceError, ValueError) as err:
         print(f"unclip-jax embed: error: {err}", file=sys.stderr)

@@ -37,6 +37,7 @@ __all__ = [
     "ClipConfig",
     "PretrainedClip",
     "contrastive_loss",
+    "example_transform",
     "load_pretrained",
     "preprocess_images",
     "preprocess_images_jax",
@@ -102,6 +103,33 @@ def preprocess_images_jax(
     return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
+def example_transform(
+    tokenizer: ClipTokenizer,
+    config: ClipConfig,
+    *,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    with_caption: bool = False,
+) -> Any:
+    """`transform(example, rng)` for `make_pipeline`: an {"image", "caption"} example ->
+    {"input_ids", "attention_mask", "pixels"} tokenized and preprocessed as CLIP wants them,
+    plus the "caption" and "key" strings when `with_caption` (not for batches that go to
+    devices)."""
+
+    def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        del rng
+        caption = str(example["caption"])
+        ids, mask = tokenizer([caption], context_length=config.context_length)
+        pixels = preprocess_images([example["image"]], config.vision.image_size, mean=mean, std=std)
+        out = {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels[0]}
+        if with_caption:
+            out["caption"] = caption
+            out["key"] = str(example.get("key", ""))
+        return out
+
+    return transform
+
+
 @dataclasses.dataclass
 class PretrainedClip:
     """A CLIP with its params, tokenizer and image normalisation; methods take raw inputs."""
@@ -128,8 +156,21 @@ class PretrainedClip:
 
     def encode_text(self, texts: str | Sequence[str]) -> jax.Array:
         """Projected text embeddings z_t (B, projection_dim), not normalised."""
-        ids, mask = self.tokenize(texts)
-        return self._text(self.params, ids, mask)
+        return self.encode_tokens(*self.tokenize(texts))
+
+    def encode_tokens(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Projected text embeddings of already tokenized captions."""
+        return self._text(self.params, input_ids, attention_mask)
+
+    def example_transform(self, *, with_caption: bool = False) -> Any:
+        """A data-pipeline transform: {"image", "caption"} -> model inputs (host side)."""
+        return example_transform(
+            self.tokenizer,
+            self.config,
+            mean=self.image_mean,
+            std=self.image_std,
+            with_caption=with_caption,
+        )
 
     def text_hidden_states(self, texts: str | Sequence[str]) -> tuple[jax.Array, np.ndarray]:
         """(last hidden states (B, L, width) after final_layer_norm, attention mask (B, L))."""
@@ -264,4 +305,9 @@ def save_pretrained(
             f,
             indent=2,
         )
-    tokenizer.save(path)
+    previous = tokenizer.model_max_length
+    tokenizer.model_max_length = config.context_length  # the model's position table
+    try:
+        tokenizer.save(path)
+    finally:
+        tokenizer.model_max_length = previous

@@ -9,6 +9,8 @@ rerun skips finished shards and never writes a row twice.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -19,13 +21,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from unclip_jax.clip import load_pretrained, preprocess_images
+from unclip_jax.clip import load_pretrained
 from unclip_jax.data.embeddings import shard_paths, write_embedding_shard
 from unclip_jax.data.pipeline import make_pipeline, open_dataset
 
 log = logging.getLogger("unclip_jax.embed")
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+MANIFEST = "embed_manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,39 @@ def shard_complete(out: str, index: int) -> bool:
     return all(os.path.exists(p) for p in shard_paths(out, index).values())
 
 
+def _manifest(clip_dir: str, settings: dict[str, Any], num_rows: int, dim: int) -> dict[str, Any]:
+    """What fixes the job's output: the CLIP (its config and weight files), the data, the cut."""
+    digest = hashlib.sha1()
+    with open(os.path.join(clip_dir, "config.json"), "rb") as f:
+        digest.update(f.read())
+    for name in sorted(os.listdir(clip_dir)):
+        if name.endswith(".safetensors"):
+            digest.update(f"{name}:{os.path.getsize(os.path.join(clip_dir, name))}".encode())
+    return {**settings, "clip": digest.hexdigest(), "num_rows": num_rows, "dim": dim}
+
+
+def _check_manifest(out: str, manifest: dict[str, Any]) -> None:
+    """Writes the manifest of a new output folder; refuses to add to one made differently."""
+    path = os.path.join(out, MANIFEST)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [
+            f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in manifest.items() if saved.get(k) != v
+        ]
+        if changed:
+            raise ValueError(
+                f"{out} holds embeddings made with other settings ({'; '.join(changed)}): "
+                "use another --out, or delete it to start over"
+            )
+        return
+    os.makedirs(out, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, path)
+
+
 def embed_dataset(
     clip_dir: str,
     data_spec: str,
@@ -50,7 +86,7 @@ def embed_dataset(
     split: str = "train",
     batch_size: int = 256,
     dtype: str = "float16",
-    shard_size: int = 10_000,
+    shard_size: int | None = None,
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -59,7 +95,10 @@ def embed_dataset(
     """Embeds every example of `split` of `data_spec` with the CLIP at `clip_dir` into `out`.
 
     Writes img_emb, text_emb (in `dtype`) and metadata (key, caption, index: the example's row
-    in the dataset) per shard; finished shards are skipped, so an interrupted job resumes.
+    in the dataset) per shard; finished shards are skipped, so an interrupted job resumes. The
+    output folder's manifest records the CLIP, data, split, shard size and dtype: resuming
+    with other settings is an error rather than a folder of mixed rows. shard_size None picks
+    min(10,000, rows / processes), so every process has work.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown embedding dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -67,6 +106,16 @@ def embed_dataset(
     process_count = jax.process_count() if process_count is None else process_count
     model = load_pretrained(clip_dir)
     source = open_dataset(data_spec, split, data_dir=data_dir, **shapes_sizes)
+    if shard_size is None:
+        shard_size = max(1, min(10_000, math.ceil(len(source) / process_count)))
+    settings = {
+        "data": data_spec,
+        "split": split,
+        "shard_size": shard_size,
+        "dtype": dtype,
+        **{k: shapes_sizes[k] for k in sorted(shapes_sizes)},
+    }
+    _check_manifest(out, _manifest(clip_dir, settings, len(source), model.config.projection_dim))
     num_shards = math.ceil(len(source) / shard_size)
     mine = [k for k in range(num_shards) if k % process_count == process_index]
     todo = [k for k in mine if not shard_complete(out, k)]
@@ -74,35 +123,12 @@ def embed_dataset(
     if skipped:
         log.info("shards already complete, skipped: %s", skipped)
 
+    # This process's devices share each batch; the params are replicated on them.
     devices = jax.local_devices()
-    mesh = Mesh(np.asarray(devices), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_row = NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.device_put(model.params, replicated)
-    apply = model.model.apply
-
-    @jax.jit
-    def embed(params: Any, ids: jax.Array, mask: jax.Array, pixels: jax.Array) -> tuple:
-        z_t = apply({"params": params}, ids, mask, method="encode_text")
-        z_i = apply({"params": params}, pixels, method="encode_image")
-        return z_t, z_i
-
-    size, length = model.config.vision.image_size, model.config.context_length
-    per_device = math.ceil(batch_size / len(devices))
-    batch_size = per_device * len(devices)
-
-    def prepare(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        del rng
-        ids, mask = model.tokenizer([str(example["caption"])], context_length=length)
-        return {
-            "ids": ids[0],
-            "mask": mask[0],
-            "pixels": preprocess_images(
-                [example["image"]], size, mean=model.image_mean, std=model.image_std
-            )[0],
-            "caption": str(example["caption"]),
-            "key": str(example.get("key", "")),
-        }
+    by_row = NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
+    model.params = jax.device_put(model.params, NamedSharding(by_row.mesh, PartitionSpec()))
+    batch_size = math.ceil(batch_size / len(devices)) * len(devices)
+    transform = model.example_transform(with_caption=True)
 
     rows = 0
     bar = tqdm(
@@ -113,26 +139,26 @@ def embed_dataset(
     )
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
-        shard_source = _Slice(source, start, stop)
         batches = make_pipeline(
-            shard_source,
+            _Slice(source, start, stop),
             global_batch_size=batch_size,
-            transform=prepare,
+            transform=transform,
             shuffle=False,
             num_epochs=1,
             process_index=0,
             process_count=1,
             drop_remainder=False,
         )
-        img, text, keys, captions = [], [], [], []
+        img, text, captions, keys = [], [], [], []
         for batch in batches:
             n = len(batch["caption"])
             pad = batch_size - n  # the last batch is padded to split over the devices
-
-            ids, mask, pixels = (_pad_rows(batch[k], pad) for k in ("ids", "mask", "pixels"))
-            z_t, z_i = embed(params, *(jax.device_put(x, by_row) for x in (ids, mask, pixels)))
-            text.append(np.asarray(z_t)[:n].astype(DTYPES[dtype]))
-            img.append(np.asarray(z_i)[:n].astype(DTYPES[dtype]))
+            ids, mask, pixels = (
+                jax.device_put(_pad_rows(batch[key], pad), by_row)
+                for key in ("input_ids", "attention_mask", "pixels")
+            )
+            text.append(np.asarray(model.encode_tokens(ids, mask))[:n].astype(DTYPES[dtype]))
+            img.append(np.asarray(model.encode_pixels(pixels))[:n].astype(DTYPES[dtype]))
             captions.extend(str(c) for c in batch["caption"])
             keys.extend(str(c) for c in batch["key"])
             bar.update(n)

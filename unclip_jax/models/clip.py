@@ -45,6 +45,17 @@ class TowerConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown hidden_act {self.hidden_act!r}; valid: {', '.join(ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig(TowerConfig):
@@ -119,9 +130,16 @@ class ClipConfig:
         vision_defaults = dict(
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
         )
+
+        def tower(name: str) -> dict[str, Any]:
+            # transformers rebuilds a tower from `<name>_dict` when present (older configs,
+            # e.g. openai/clip-vit-large-patch14), ignoring `<name>` then.
+            override = config.get(f"{name}_dict")
+            return dict(override) if override else dict(config.get(name) or {})
+
         return cls(
-            text=pick(TextConfig, config.get("text_config") or {}, text_defaults),
-            vision=pick(VisionConfig, config.get("vision_config") or {}, vision_defaults),
+            text=pick(TextConfig, tower("text_config"), text_defaults),
+            vision=pick(VisionConfig, tower("vision_config"), vision_defaults),
             projection_dim=int(config.get("projection_dim", 512)),
             logit_scale_init_value=float(config.get("logit_scale_init_value", math.log(1 / 0.07))),
         )

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax.clip import CLIP_MEAN, CLIP_STD, preprocess_images, save_pretrained
+from unclip_jax.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PretrainedClip,
+    example_transform,
+    save_pretrained,
+)
 from unclip_jax.data.pipeline import make_pipeline, open_dataset
 from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
@@ -48,53 +54,52 @@ def clip_tokenizer(config: ml_collections.ConfigDict, source: Any) -> ClipTokeni
     return ClipTokenizer.train(captions, vocab_size=config.model.vocab_size)
 
 
-def _image_text_transform(size: int, tokenizer: ClipTokenizer, context_length: int) -> Any:
-    def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        del rng
-        ids, mask = tokenizer([str(example["caption"])], context_length=context_length)
-        pixels = preprocess_images([example["image"]], size)[0]
-        return {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels}
-
-    return transform
-
-
 def _retrieval_hook(
-    config: ml_collections.ConfigDict,
-    model: CLIP,
-    tokenizer: ClipTokenizer,
-    clip_config: ClipConfig,
+    config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, clip_config: ClipConfig
 ) -> Hook:
     spec, kwargs = dataset_spec(config)
+    cache: dict[str, Any] = {}
+
+    def test_inputs() -> dict[str, Any]:
+        # Read and preprocess the test examples once; every evaluation reuses them.
+        if not cache:
+            test = open_dataset(spec, "test", **kwargs)
+            examples = [test[i] for i in range(min(len(test), config.eval.num_examples))]
+            transform = example_transform(tokenizer, clip_config)
+            rows = [transform(e, None) for e in examples]
+            cache.update(
+                {
+                    k: np.stack([r[k] for r in rows])
+                    for k in ("input_ids", "attention_mask", "pixels")
+                }
+            )
+            if "labels" in examples[0]:
+                cache["labels"] = {
+                    k: np.array([e["labels"][k] for e in examples]) for k in examples[0]["labels"]
+                }
+        return cache
 
     def run(ctx: HookContext) -> dict[str, float]:
-        test = open_dataset(spec, "test", **kwargs)
-        n = min(len(test), config.eval.num_examples)
-        examples = [test[i] for i in range(n)]
-        ids, mask = tokenizer(
-            [str(e["caption"]) for e in examples], context_length=clip_config.context_length
-        )
-        pixels = preprocess_images([e["image"] for e in examples], clip_config.vision.image_size)
-        params = ctx.state.ema_params
-        encode_text = jax.jit(
-            lambda p, i, m: model.apply({"params": p}, i, m, method="encode_text")
-        )
-        encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
-        batch = 256
+        inputs = test_inputs()
+        model = PretrainedClip(clip_config, ctx.state.ema_params, tokenizer)
+        n, batch = len(inputs["pixels"]), 256
         z_t = np.concatenate(
             [
-                np.asarray(encode_text(params, ids[i : i + batch], mask[i : i + batch]))
+                np.asarray(
+                    model.encode_tokens(
+                        inputs["input_ids"][i : i + batch], inputs["attention_mask"][i : i + batch]
+                    )
+                )
                 for i in range(0, n, batch)
             ]
         )
         z_i = np.concatenate(
-            [np.asarray(encode_image(params, pixels[i : i + batch])) for i in range(0, n, batch)]
+            [
+                np.asarray(model.encode_pixels(inputs["pixels"][i : i + batch]))
+                for i in range(0, n, batch)
+            ]
         )
-        labels = None
-        if "labels" in examples[0]:
-            labels = {
-                k: np.array([e["labels"][k] for e in examples]) for k in examples[0]["labels"]
-            }
-        scores = text_to_image_top1(z_t, z_i, labels)
+        scores = text_to_image_top1(z_t, z_i, inputs.get("labels"))
         log.info("text->image top-1 on %d test examples: %s", n, scores)
         return scores
 
@@ -148,7 +153,7 @@ def build_clip_stage(config: ml_collections.ConfigDict) -> Stage:
         )
         return contrastive_loss(z_t, z_i, scale)
 
-    transform = _image_text_transform(size, tokenizer, length)
+    transform = example_transform(tokenizer, clip_config)
 
     def make_data(process_index: int, process_count: int) -> Any:
         return make_pipeline(
@@ -163,5 +168,5 @@ def build_clip_stage(config: ml_collections.ConfigDict) -> Stage:
 
     hooks = [_export_hook(config, tokenizer, clip_config)]
     if config.eval.every > 0:
-        hooks.insert(0, _retrieval_hook(config, model, tokenizer, clip_config))
+        hooks.insert(0, _retrieval_hook(config, tokenizer, clip_config))
     return Stage(init_params=init_params, loss_fn=loss_fn, make_data=make_data, hooks=tuple(hooks))
