@@ -115,7 +115,7 @@ class VectorData:
 
 
 @register_stage("standin")
-def build_standin(config) -> Stage:
+def build_standin(config, workdir=None) -> Stage:
     """The stand-in Stage: init, a diffusion loss, and the vector data."""
     dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
     model = Denoiser(width=config.model.width, hidden=config.model.hidden, dtype=dtype)

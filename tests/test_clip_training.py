@@ -40,6 +40,12 @@ def test_clip_trains_and_exports_a_loadable_checkpoint(trained_clip):
         assert 0.0 <= retrieval[f"retrieval/{name}"] <= 1.0
     m = clip.load_pretrained(str(workdir / "clip"))
     assert m.tokenizer.vocab_size <= m.config.text.vocab_size
+    # The run keeps its tokenizer from its first start, for resumes, and exports the same one.
+    from unclip_jax.models.clip_tokenizer import ClipTokenizer
+
+    kept = ClipTokenizer.from_dir(str(workdir / "tokenizer"))
+    caption = "a small red circle in the top left on a gray background"
+    np.testing.assert_array_equal(kept([caption], context_length=16)[0], m.tokenize([caption])[0])
     assert m.tokenizer.model_max_length == m.config.context_length
     # The exported weights are the run's final EMA params, and the tokenizer the run's.
     from unclip_jax.training import checkpoint_manager, restore_subtrees

@@ -171,19 +171,30 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--split", default="train")
     show.add_argument("--n", type=int, default=16)
     show.add_argument("--out", required=True)
-    show.add_argument("--data-dir", default=None, help="where built-in datasets are built")
-    show.add_argument(
+    _add_dataset_args(show)
+
+
+def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """Where built-in datasets live, and which `shapes` build to use."""
+    parser.add_argument("--data-dir", default=None, help="where built-in datasets are built")
+    parser.add_argument(
         "--shapes-train-size",
         type=int,
         default=None,
         help="examples in the built-in set's train split (default 50,000)",
     )
-    show.add_argument(
+    parser.add_argument(
         "--shapes-test-size",
         type=int,
         default=None,
         help="examples in the built-in set's test split (default 5,400)",
     )
+
+
+def _shapes_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The `shapes` sizes given on the command line, as load_shapes keywords."""
+    given = (("train_size", args.shapes_train_size), ("test_size", args.shapes_test_size))
+    return {name: value for name, value in given if value is not None}
 
 
 def _run_data(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -209,14 +220,7 @@ def _run_data(args: argparse.Namespace, overrides: dict[str, str]) -> int:
                 print("unclip-jax data build: error: no example survived", file=sys.stderr)
                 return 1
         else:
-            sizes = {
-                k: v
-                for k, v in (
-                    ("train_size", args.shapes_train_size),
-                    ("test_size", args.shapes_test_size),
-                )
-                if v is not None
-            }
+            sizes = _shapes_sizes(args)
             rows = show_dataset(
                 args.data, args.split, args.n, args.out, data_dir=args.data_dir, **sizes
             )
@@ -245,9 +249,7 @@ def _add_embed_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="rows per shard (default: min(10,000, rows / processes))",
     )
-    parser.add_argument("--shapes-train-size", type=int, default=None)
-    parser.add_argument("--shapes-test-size", type=int, default=None)
-    parser.add_argument("--data-dir", default=None, help="where built-in datasets are built")
+    _add_dataset_args(parser)
     _add_distributed_args(parser)
 
 
@@ -263,14 +265,7 @@ def _run_embed(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _start_distributed(args)
     try:
-        sizes = {
-            k: v
-            for k, v in (
-                ("train_size", args.shapes_train_size),
-                ("test_size", args.shapes_test_size),
-            )
-            if v is not None
-        }
+        sizes = _shapes_sizes(args)
         report = embed_dataset(
             args.clip,
             args.data,

@@ -45,13 +45,26 @@ def dataset_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
     return data.data_dir, {}
 
 
-def clip_tokenizer(config: ml_collections.ConfigDict, source: Any) -> ClipTokenizer:
-    """The run's tokenizer: read from model.tokenizer_dir, or trained on training captions."""
+def clip_tokenizer(
+    config: ml_collections.ConfigDict, source: Any, workdir: str | None = None
+) -> ClipTokenizer:
+    """The run's tokenizer: model.tokenizer_dir's, the one this run saved, or a new BPE.
+
+    A BPE trained on the training captions is saved to WORKDIR/tokenizer at the run's first
+    start and read back on every resume, so the ids a checkpoint was trained with never change
+    (training is deterministic, but a `tokenizers` upgrade between two starts could differ).
+    """
     if config.model.get("tokenizer_dir"):
         return ClipTokenizer.from_dir(config.model.tokenizer_dir)
+    saved = os.path.join(workdir, "tokenizer") if workdir else None
+    if saved and os.path.exists(os.path.join(saved, "tokenizer.json")):
+        return ClipTokenizer.from_dir(saved)
     count = min(len(source), config.model.get("tokenizer_captions", 10_000))
     captions = [str(source[i]["caption"]) for i in range(count)]
-    return ClipTokenizer.train(captions, vocab_size=config.model.vocab_size)
+    tokenizer = ClipTokenizer.train(captions, vocab_size=config.model.vocab_size)
+    if saved and jax.process_index() == 0:
+        tokenizer.save(saved)
+    return tokenizer
 
 
 def _retrieval_hook(
@@ -125,11 +138,11 @@ def _export_hook(
 
 
 @register_stage("clip")
-def build_clip_stage(config: ml_collections.ConfigDict) -> Stage:
+def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """CLIP from scratch: init, the symmetric contrastive loss, image-text batches, hooks."""
     spec, kwargs = dataset_spec(config)
     train_source = open_dataset(spec, "train", **kwargs)
-    tokenizer = clip_tokenizer(config, train_source)
+    tokenizer = clip_tokenizer(config, train_source, workdir)
     clip_config = ClipConfig.from_model_config(
         {
             **config.model.to_dict(),

@@ -224,7 +224,7 @@ def train_and_evaluate(
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     train = config.train
-    stage = stage if stage is not None else build_stage(config)
+    stage = stage if stage is not None else build_stage(config, workdir)
     config_dict = json.loads(json.dumps(config.to_dict(), default=list))
     if train.batch_size % jax.process_count():
         raise ValueError(

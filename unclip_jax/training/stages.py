@@ -9,10 +9,11 @@ A stage (prior, decoder, upsampler, CLIP, ...) supplies:
   (numpy pytrees of batch_size / process_count rows) with get_state/set_state;
 - optional `hooks`: periodic evaluation or sample grids, run on every process.
 
-Register a builder `config -> Stage` under the config's `stage` name:
+Register a builder `(config, workdir=None) -> Stage` under the config's `stage` name (workdir
+is where the stage keeps files that must not change across resumes, e.g. a tokenizer):
 
     @register_stage("decoder")
-    def build_decoder(config):
+    def build_decoder(config, workdir=None):
         model = Decoder(**config.model)
         return Stage(init_params=..., loss_fn=..., make_data=...)
 
@@ -65,7 +66,9 @@ class Stage:
     hooks: Sequence[Hook] = ()
 
 
-StageBuilder = Callable[[ml_collections.ConfigDict], Stage]
+# builder(config, workdir=...) -> Stage; workdir (None outside a run) is where a stage keeps
+# files that must stay fixed across resumes (e.g. a tokenizer trained at the first start).
+StageBuilder = Callable[..., Stage]
 _REGISTRY: dict[str, StageBuilder] = {}
 # Modules that register the project's stages when imported (added as stages land).
 STAGE_MODULES: tuple[str, ...] = ("unclip_jax.training.clip_stage",)
@@ -88,7 +91,7 @@ def registered_stages() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_stage(config: ml_collections.ConfigDict) -> Stage:
+def build_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """The Stage for `config.stage`, or a ConfigError listing the registered ones."""
     names = registered_stages()
     name = config.get("stage")
@@ -97,4 +100,4 @@ def build_stage(config: ml_collections.ConfigDict) -> Stage:
             f"no trainable stage {name!r} is registered; registered stages: "
             f"{', '.join(names) or '(none yet)'}"
         )
-    return _REGISTRY[name](config)
+    return _REGISTRY[name](config, workdir=workdir)
