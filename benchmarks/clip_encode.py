@@ -21,49 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax import clip
-from unclip_jax.models.clip import ClipConfig, TextConfig, VisionConfig
+from unclip_jax.models.clip import OPENAI_VIT_B32, OPENAI_VIT_L14
 
-TEXT_B = TextConfig(
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    eos_token_id=2,  # as OpenAI's configs: pool at argmax(input_ids)
-)
-SHAPES = {
-    # openai/clip-vit-base-patch32
-    "b32": ClipConfig(
-        text=TEXT_B,
-        projection_dim=512,
-        vision=VisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        ),
-    ),
-    # openai/clip-vit-large-patch14 (the image tower of Karlo's embeddings)
-    "l14": ClipConfig(
-        projection_dim=768,
-        text=TextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            eos_token_id=2,
-        ),
-        vision=VisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
-    ),
-}
+SHAPES = {"b32": OPENAI_VIT_B32, "l14": OPENAI_VIT_L14}
 
 
 def median_seconds(fn, repeats: int) -> float:

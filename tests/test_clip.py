@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,14 @@ from safetensors.numpy import load_file, save_file
 from unclip_jax import clip
 from unclip_jax.clip import abstract_params, preprocess_images, preprocess_images_jax
 from unclip_jax.convert.hf_clip import CheckpointKeyError, hf_to_params, params_to_hf
-from unclip_jax.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig
+from unclip_jax.models.clip import (
+    CLIP,
+    OPENAI_VIT_B32,
+    ClipConfig,
+    TextConfig,
+    VisionConfig,
+    init_params,
+)
 from unclip_jax.models.clip_tokenizer import ClipTokenizer
 
 CAPTIONS = [
@@ -46,17 +54,7 @@ TINY = ClipConfig(
 
 
 def _random_params(config, seed=0):
-    model = CLIP(config)
-    size = config.vision.image_size
-    variables = model.init(
-        jax.random.key(seed),
-        jnp.zeros((1, config.context_length), jnp.int32),
-        None,
-        jnp.zeros((1, size, size, 3)),
-    )
-    import flax.linen as nn
-
-    return nn.meta.unbox(variables["params"])
+    return nn.meta.unbox(init_params(CLIP(config), jax.random.key(seed)))
 
 
 def _tokenizer():
@@ -215,28 +213,8 @@ PEER_CONFIGS = {
         vision=dataclasses.replace(TINY.vision, hidden_act="gelu", layer_norm_eps=1e-6),
         projection_dim=24,
     ),
-    # ViT-B/32's shape (openai/clip-vit-base-patch32), random weights; like OpenAI's config it
-    # has eos_token_id 2: transformers' legacy rule, pooling at argmax(input_ids).
-    "vit_b32": ClipConfig(
-        text=TextConfig(
-            hidden_size=512,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=8,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            eos_token_id=2,
-        ),
-        vision=VisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        ),
-        projection_dim=512,
-    ),
+    # ViT-B/32's shape (openai/clip-vit-base-patch32), random weights.
+    "vit_b32": OPENAI_VIT_B32,
 }
 
 

@@ -15,6 +15,7 @@ train steps (e.g. `m.model.apply({"params": m.params}, ids, mask, method="encode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from unclip_jax.convert.hf_clip import CheckpointKeyError, hf_to_params, params_to_hf
-from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
+from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss, init_params
 from unclip_jax.models.clip_tokenizer import ClipTokenizer
 
 __all__ = [
@@ -191,16 +192,8 @@ class PretrainedClip:
 
 def abstract_params(config: ClipConfig) -> Any:
     """ShapeDtypeStructs of a CLIP's params (no memory, no compute)."""
-    model = CLIP(config)
-    length, size = config.context_length, config.vision.image_size
-    variables = jax.eval_shape(
-        model.init,
-        jax.random.key(0),
-        jnp.zeros((1, length), jnp.int32),
-        None,
-        jnp.zeros((1, size, size, 3)),
-    )
-    return nn.meta.unbox(variables["params"])
+    boxed = jax.eval_shape(functools.partial(init_params, CLIP(config)), jax.random.key(0))
+    return nn.meta.unbox(boxed)
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:

@@ -169,6 +169,46 @@ class ClipConfig:
         )
 
 
+# The shapes of OpenAI's public CLIPs (their config.json: eos_token_id 2, i.e. transformers'
+# legacy rule of pooling at argmax(input_ids), which is the EOT token of OpenAI's vocabulary).
+OPENAI_VIT_B32 = ClipConfig(
+    text=TextConfig(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        eos_token_id=2,
+    ),
+    vision=VisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+    ),
+    projection_dim=512,
+)
+OPENAI_VIT_L14 = ClipConfig(
+    text=TextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        eos_token_id=2,
+    ),
+    vision=VisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+    ),
+    projection_dim=768,
+)
+
+
 def _dense(
     features: int,
     axes: tuple[str | None, str | None],
@@ -462,3 +502,12 @@ def contrastive_loss(
     loss = (text_to_image.mean() + image_to_text.mean()) / 2
     accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
     return loss, {"accuracy_t2i": accuracy, "temperature": 1.0 / scale}
+
+
+def init_params(model: CLIP, rng: jax.Array) -> Any:
+    """A CLIP's params (with their logical axis names), from dummy inputs of its sizes."""
+    c = model.config
+    size = c.vision.image_size
+    return model.init(
+        rng, jnp.zeros((1, c.context_length), jnp.int32), None, jnp.zeros((1, size, size, 3))
+    )["params"]

@@ -9,6 +9,7 @@ is logged (overall and per attribute on `shapes`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -28,6 +29,7 @@ from unclip_jax.clip import (
 from unclip_jax.data.pipeline import make_pipeline, open_dataset
 from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
+from unclip_jax.models.clip import init_params as init_clip_params
 from unclip_jax.models.clip_tokenizer import ClipTokenizer
 from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
 
@@ -152,12 +154,6 @@ def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = No
     )
     dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
     model = CLIP(clip_config, dtype=dtype)
-    size, length = clip_config.vision.image_size, clip_config.context_length
-
-    def init_params(rng: jax.Array) -> Any:
-        return model.init(
-            rng, jnp.zeros((1, length), jnp.int32), None, jnp.zeros((1, size, size, 3))
-        )["params"]
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
         del rng
@@ -182,4 +178,9 @@ def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = No
     hooks = [_export_hook(config, tokenizer, clip_config)]
     if config.eval.every > 0:
         hooks.insert(0, _retrieval_hook(config, tokenizer, clip_config))
-    return Stage(init_params=init_params, loss_fn=loss_fn, make_data=make_data, hooks=tuple(hooks))
+    return Stage(
+        init_params=functools.partial(init_clip_params, model),
+        loss_fn=loss_fn,
+        make_data=make_data,
+        hooks=tuple(hooks),
+    )
