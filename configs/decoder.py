@@ -1,4 +1,4 @@
-"""The 64x64 decoder P(x | z_i, y): GLIDE's ADM U-Net conditioned on the CLIP image embedding.
+"""The decoder P(x | z_i, y) (64x64 in the paper): GLIDE's ADM U-Net conditioned on the CLIP image embedding.
 
 Variants: tiny (tests), shapes (CPU demo), paper (Table 3's 3.5B decoder), karlo (Karlo's
 decoder in diffusers layout, for weight import).
@@ -25,32 +25,46 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "decoder"
     c.variant = arg
+    # The base block is the CPU demo's (`shapes`): 32 px, the resolution of the shapes CLIP.
     c.model = dict(
-        resolution=64,
+        resolution=32,
         channels=64,
-        channel_mult=(1, 2, 3, 4),
+        channel_mult=(1, 2, 3),
         num_res_blocks=2,
         attention_resolutions=(16, 8),
         head_channels=32,
         dropout=0.1,
-        clip_dim=128,
+        num_groups=32,
+        clip_dim=128,  # the conditioning CLIP's embedding width (checked against clip.dir)
         num_context_tokens=4,  # z_i projected into this many extra attention tokens
-        # The caption encoder [open]: "transformer" (GLIDE's own) or "clip" (Karlo: the
-        # frozen CLIP text encoder's hidden states, normalised and projected).
+        context_dim=128,  # width of the attention context (the 4 z_i tokens + caption states)
+        # The caption encoder [open]: "transformer" (GLIDE's own, trained with the decoder, on
+        # the CLIP tokenizer's ids) or "clip" (Karlo: the frozen CLIP text tower's hidden
+        # states, normalised and projected; text_width/text_tokens must be the CLIP's).
         text_encoder="transformer",
         text_width=128,
         text_layers=2,
         text_heads=4,
-        text_tokens=32,
-        vocab_size=2048,
+        text_tokens=24,
+        vocab_size=1024,
     )
+    # The frozen CLIP that gives z_i (and, for text_encoder "clip", the caption states): a
+    # Hugging Face CLIP directory, e.g. WORKDIR/clip of `unclip-jax train configs/clip.py:...`.
+    c.clip = dict(dir="")
     # Guidance training (Section 2.1): z_i replaced by a learned embedding 10% of the time,
     # the caption dropped 50% of the time, independently.
     c.guidance = dict(clip_drop_prob=0.1, text_drop_prob=0.5)
     # Learned sigma with the hybrid loss L_simple + 0.001 L_vlb, cosine, 1000 steps.
     c.diffusion = diffusion_block(variance="learned_range", loss="hybrid", vlb_weight=0.001)
     c.sampling = sampling_block(steps="50", method="ddpm", guidance_scale=3.0)
-    c.data = dict(dataset="shapes", resolution=64, data_dir="", embeddings_dir="")
+    # The dataset renders (shapes) or holds images at data.resolution; they are resized to
+    # model.resolution for the decoder and to the CLIP's own size for z_i.
+    c.data = dict(
+        dataset="shapes", resolution=32, data_dir="", train_size=0, test_size=0, workers=0
+    )
+    # Sample grids of the EMA model (guided, config.sampling) on the first `num` test captions,
+    # every `every` steps and at the end, to WORKDIR/samples and TensorBoard (0: never).
+    c.samples = dict(every=2_000, num=8)
     c.train = train_block(steps=20_000, batch_size=64, checkpoint_every=1_000, log_every=50)
     c.mesh = mesh_block()
     c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
@@ -62,14 +76,17 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             num_res_blocks=1,
             attention_resolutions=(8,),
             head_channels=8,
+            num_groups=8,
             clip_dim=16,
+            context_dim=16,
             text_width=16,
             text_layers=1,
             text_heads=2,
             text_tokens=16,
-            vocab_size=256,
+            vocab_size=600,
         )
-        c.data.resolution = 16
+        c.data.update(resolution=32, train_size=64, test_size=54)
+        c.samples.update(every=0, num=2)
         c.sampling.steps = "4"
         c.train.update(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
     elif arg == "paper":
@@ -77,32 +94,42 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # 32,16,8 with 64 channels per head, dropout 0.1; batch 2048, 800K steps, lr 1.2e-4,
         # EMA 0.9999; 250 strided sampling steps; guidance 1.25 for the MS-COCO FID.
         c.model.update(
+            resolution=64,
             channels=512,
+            channel_mult=(1, 2, 3, 4),
             num_res_blocks=3,
             attention_resolutions=(32, 16, 8),
             head_channels=64,
             clip_dim=1024,
+            context_dim=2048,
             text_width=2048,
-            text_layers=16,
+            text_layers=24,  # GLIDE's 1.2B caption transformer: 2.3B U-Net + 1.2B = 3.5B
             text_heads=32,
             text_tokens=128,
             vocab_size=50257,
         )
         c.sampling.update(steps="250", guidance_scale=1.25)
-        c.data.dataset = "image_text"
+        c.data.update(dataset="image_text", resolution=64)
+        c.samples.every = 10_000
         c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+        # 3.5B params + Adam: shard params and optimizer state over every device (FSDP; the
+        # batch is split over data x fsdp either way).
+        c.mesh.update(data=1, fsdp=-1)
     elif arg == "karlo":
         # kakaobrain/karlo-v1-alpha decoder (diffusers UNet2DConditionModel + text_proj):
         # 320,640,960,1280 channels, 3 layers per block, attention at 32,16,8 with head dim 64,
         # z_i into the time embedding and 4 context tokens; CLIP ViT-L/14 text states;
         # learned-range variance; 25 steps, guidance 8.0.
         c.model.update(
+            resolution=64,
             channels=320,
+            channel_mult=(1, 2, 3, 4),
             num_res_blocks=3,
             attention_resolutions=(32, 16, 8),
             head_channels=64,
             clip_dim=768,
+            context_dim=1536,
             text_encoder="clip",
             text_width=768,
             text_layers=12,
@@ -111,9 +138,11 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             vocab_size=49408,
         )
         c.sampling.update(steps="25", guidance_scale=8.0)
-        c.data.dataset = "image_text"
+        c.data.update(dataset="image_text", resolution=64)
+        c.samples.every = 10_000
         c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
+        c.mesh.update(data=1, fsdp=-1)
     return c
 
 

@@ -1,6 +1,6 @@
 """The diffusion upsamplers: 64->256 and 256->1024, unconditional on text, no attention.
 
-Variants: tiny (tests, 8->16), shapes (CPU demo, 64->128), paper (Table 3's 64->256),
+Variants: tiny (tests, 8->32), shapes (CPU demo, 32->128), paper (Table 3's 64->256),
 paper_1024 (Table 3's 256->1024), karlo (Karlo's super-res 64->256, diffusers layout).
 They train on random crops of 1/4 of the target size and run on whole images.
 """
@@ -26,13 +26,16 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "upsampler"
     c.variant = arg
+    # The base block is the CPU demo's (`shapes`): the shapes decoder's 32 px -> 128 px, 4x
+    # as in the paper's first stage.
     c.model = dict(
-        low_resolution=64,
+        low_resolution=32,
         resolution=128,
-        channels=64,
-        channel_mult=(1, 2, 3, 4),
+        channels=32,
+        channel_mult=(1, 2, 3),
         num_res_blocks=2,
-        dropout=0.1,
+        dropout=0.0,
+        num_groups=8,
     )
     # The low-res input is corrupted in training: "blur" (Gaussian, kernel 3, sigma 0.6; the
     # first stage) or "bsr" (random blur, resize and noise; the second stage).
@@ -40,23 +43,45 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.train_crop = 32  # train on random crops of 1/4 of the target size (paper, Section C)
     c.diffusion = diffusion_block(schedule="cosine")
     c.sampling = sampling_block(steps="ddim27", method="ddim")
-    c.data = dict(dataset="shapes", data_dir="")
+    # Images at data.resolution (= model.resolution); the low-res view is derived from them.
+    c.data = dict(
+        dataset="shapes", resolution=128, data_dir="", train_size=10_000, test_size=540, workers=0
+    )
+    # Grids of [bicubic low-res | EMA sample | original] on the first `num` test images at the
+    # full resolution, every `every` steps and at the end (0: never).
+    c.samples = dict(every=2_000, num=4)
     c.train = train_block(steps=20_000, batch_size=32, checkpoint_every=1_000, log_every=50)
     c.mesh = mesh_block()
     c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
     if arg == "tiny":
         c.model.update(
-            low_resolution=8, resolution=16, channels=16, channel_mult=(1, 2), num_res_blocks=1
+            low_resolution=8,
+            resolution=32,
+            channels=16,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            num_groups=8,
         )
         c.train_crop = 8
+        c.data.update(resolution=32, train_size=64, test_size=54)
+        c.samples.update(every=0, num=2)
         c.sampling.steps = "ddim4"
         c.train.update(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
     elif arg == "paper":
         # Table 3, 64->256: cosine, 320 channels, depth 3, mult 1,2,3,4, dropout 0.1, 700M;
         # DDIM 27 steps; Gaussian blur corruption.
-        c.model.update(low_resolution=64, resolution=256, channels=320, num_res_blocks=3)
+        c.model.update(
+            low_resolution=64,
+            resolution=256,
+            channels=320,
+            channel_mult=(1, 2, 3, 4),
+            num_res_blocks=3,
+            dropout=0.1,
+            num_groups=32,
+        )
         c.train_crop = 64
-        c.data.dataset = "image_text"
+        c.data.update(dataset="image_text", resolution=256, train_size=0, test_size=0)
+        c.samples.every = 10_000
         c.train.update(steps=1_000_000, batch_size=1024, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
     elif arg == "paper_1024":
@@ -68,9 +93,13 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             channels=192,
             channel_mult=(1, 1, 2, 2, 4, 4),
             num_res_blocks=2,
+            dropout=0.0,
+            num_groups=32,
         )
         c.degradation.kind = "bsr"
         c.train_crop = 256
+        c.data.update(dataset="image_text", resolution=1024, train_size=0, test_size=0)
+        c.samples.every = 10_000
         c.diffusion.schedule = "linear"
         c.sampling.steps = "ddim15"
         c.data.dataset = "image_text"
@@ -80,11 +109,18 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # kakaobrain/karlo-v1-alpha super_res_first/last (diffusers UNet2DModel, in 6 / out 3):
         # 320,640,960,1280 channels, 3 layers per block, no attention; 7 steps.
         c.model.update(
-            low_resolution=64, resolution=256, channels=320, num_res_blocks=3, dropout=0.0
+            low_resolution=64,
+            resolution=256,
+            channels=320,
+            channel_mult=(1, 2, 3, 4),
+            num_res_blocks=3,
+            dropout=0.0,
+            num_groups=32,
         )
         c.train_crop = 64
         c.sampling.update(steps="7", method="ddpm")
-        c.data.dataset = "image_text"
+        c.data.update(dataset="image_text", resolution=256, train_size=0, test_size=0)
+        c.samples.every = 10_000
         c.train.update(steps=1_000_000, batch_size=1024, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
     return c

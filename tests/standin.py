@@ -124,7 +124,8 @@ def build_standin(config, workdir=None) -> Stage:
     def init_params(rng):
         return model.init(rng, jnp.zeros((1, DIM)), jnp.zeros((1,)))["params"]
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, frozen=None):
+        del frozen
         x0 = batch["x"]
         t_key, n_key = jax.random.split(rng)
         t = jax.random.randint(t_key, (x0.shape[0],), 0, sched.num_steps)

@@ -173,6 +173,20 @@ def test_cli_help_lists_the_subcommands():
 
 
 def test_cli_train_names_an_unregistered_stage(tmp_path):
+    run = _cli(
+        "train",
+        "--config",
+        "configs/decoder.py:tiny",
+        "--config.stage=nonesuch",
+        "--workdir",
+        str(tmp_path),
+    )
+    assert run.returncode == 2
+    assert "no trainable stage 'nonesuch' is registered" in run.stderr
+    assert "decoder, upsampler" in run.stderr  # the registered ones are listed
+
+
+def test_cli_train_decoder_without_a_clip_names_the_key(tmp_path):
     run = _cli("train", "--config", "configs/decoder.py:tiny", "--workdir", str(tmp_path))
     assert run.returncode == 2
-    assert "no trainable stage 'decoder' is registered" in run.stderr
+    assert "'clip.dir' is empty" in run.stderr

@@ -183,7 +183,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.method": ("ddpm", "ddim"),
     "optim.schedule": ("constant", "cosine"),
     "train.compute_dtype": ("float32", "bfloat16"),
+    "model.text_encoder": ("clip", "transformer"),
+    "degradation.kind": ("none", "blur", "bsr"),
 }
+
+# Probabilities, wherever a config has them.
+PROBABILITY_FIELDS = ("guidance.clip_drop_prob", "guidance.text_drop_prob")
 
 
 # Integer fields with a lower bound, wherever a config has them.
@@ -214,6 +219,10 @@ def validate_config(config: ConfigDict) -> None:
             raise ConfigError(
                 f"config key {key!r} is {config[head][leaf]!r}; it must be at least {minimum}"
             )
+    for key in PROBABILITY_FIELDS:
+        head, _, leaf = key.partition(".")
+        if head in config and leaf in config[head] and not 0 <= config[head][leaf] <= 1:
+            raise ConfigError(f"config key {key!r} is {config[head][leaf]!r}; it must be in [0, 1]")
     if "sampling" in config and "diffusion" in config:
         from unclip_jax.diffusion.schedules import space_timesteps
 

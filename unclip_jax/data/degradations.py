@@ -404,11 +404,13 @@ def make_low_res(
     scale: int,
     kind: str,
     rng: np.random.Generator | None = None,
+    blur_kernel_size: int = PAPER_BLUR_KERNEL_SIZE,
+    blur_sigma: float = PAPER_BLUR_SIGMA,
 ) -> np.ndarray:
     """The low-res conditioning view of a high-res uint8 (H, W, 3) image, uint8 (H // s, W // s, 3).
 
-    kind "none": anti-aliased bicubic downsampling only; "blur": that, then the paper's Gaussian
-    blur (kernel 3, sigma 0.6) of the low-res image; "bsr": `bsr_degradation` (needs `rng`).
+    kind "none": anti-aliased bicubic downsampling only; "blur": that, then a Gaussian blur of
+    the low-res image (the paper's kernel 3, sigma 0.6 by default); "bsr": `bsr_degradation` (needs `rng`).
     Every kind sees the same top-left (H - H % s, W - W % s) region, so views stay aligned.
     """
     if kind not in LOW_RES_KINDS:
@@ -423,5 +425,5 @@ def make_low_res(
     h, w = image_hr.shape[:2]
     low = resize(image_hr, (h // scale, w // scale))
     if kind == "blur":
-        low = gaussian_blur(low, kernel_size=PAPER_BLUR_KERNEL_SIZE, sigma=PAPER_BLUR_SIGMA)
+        low = gaussian_blur(low, kernel_size=blur_kernel_size, sigma=blur_sigma)
     return low

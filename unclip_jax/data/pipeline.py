@@ -9,7 +9,7 @@ same next batch (the training loop checkpoints it with the train state).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -69,6 +69,20 @@ def open_dataset(
             f"dataset {spec!r} has no split {split!r}; splits: {', '.join(builder.info.splits)}"
         )
     return DecodedSource(builder.as_data_source(split=split))
+
+
+def dataset_spec(data: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(`open_dataset` spec, keyword arguments) of a stage config's `data` block.
+
+    `dataset` "shapes" renders at `resolution` (train_size / test_size pick a build, 0 the
+    default); any other dataset is the one built with `unclip-jax data build` at `data_dir`.
+    """
+    if data["dataset"] == "shapes":
+        sizes = {k: data[k] for k in ("train_size", "test_size") if data.get(k)}
+        return f"shapes:{data['resolution']}", {"data_dir": data.get("data_dir") or None, **sizes}
+    if not data.get("data_dir"):
+        raise ValueError("data.data_dir must name a dataset built with `unclip-jax data build`")
+    return data["data_dir"], {}
 
 
 class PipelineIterator:
@@ -170,10 +184,18 @@ def image_caption(example: dict[str, Any], rng: np.random.Generator) -> dict[str
     return {"image": to_float(example["image"]), "caption": example["caption"]}
 
 
-def upsampler_views(*, scale: int, crop_fraction: float | None, kind: str) -> Transform:
+def upsampler_views(
+    *,
+    scale: int,
+    crop_fraction: float | None,
+    kind: str,
+    blur_kernel_size: int = 3,
+    blur_sigma: float = 0.6,
+) -> Transform:
     """The upsamplers' view of an example: a random square crop of `crop_fraction` of the
     high-res side (None: the whole image; the paper trains on 1/4) and its low-res, degraded
-    view (kind 'none', 'blur' or 'bsr'), both float32 in [-1, 1].
+    view (kind 'none', 'blur' (with `blur_kernel_size`, `blur_sigma`) or 'bsr'), both float32
+    in [-1, 1].
 
     The crop side is rounded down to a multiple of `scale`. The crop is taken first and
     degraded after, as latent diffusion does for BSR: the same region either way, and degrading
@@ -195,7 +217,14 @@ def upsampler_views(*, scale: int, crop_fraction: float | None, kind: str) -> Tr
                 )
             top, left = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
             high = high[top : top + crop, left : left + crop]
-        low = make_low_res(high, scale=scale, kind=kind, rng=rng)
+        low = make_low_res(
+            high,
+            scale=scale,
+            kind=kind,
+            rng=rng,
+            blur_kernel_size=blur_kernel_size,
+            blur_sigma=blur_sigma,
+        )
         return {"high": to_float(high), "low": to_float(low)}
 
     return transform

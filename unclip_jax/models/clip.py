@@ -466,6 +466,14 @@ class CLIP(nn.Module):
         hidden, _ = self.text_model(input_ids, attention_mask)
         return hidden
 
+    def encode_text_and_states(
+        self, input_ids: Array, attention_mask: Array | None = None
+    ) -> tuple[Array, Array]:
+        """(z_t (B, projection_dim), last hidden states (B, L, width)) in one pass of the tower:
+        what a decoder conditioned on CLIP's text (Karlo's) reads."""
+        hidden, pooled = self.text_model(input_ids, attention_mask)
+        return self.text_projection(pooled), hidden
+
     def encode_image(self, pixels: Array) -> Array:
         """Projected (unnormalised) image embeddings z_i, (B, projection_dim)."""
         _, pooled = self.vision_model(pixels)

@@ -556,14 +556,22 @@ class DecoderConditioning(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The whole conditioned decoder: `DecoderConditioning` ("text_proj") + `UNet` ("unet").
+    """The whole conditioned decoder: `DecoderConditioning` ("text_proj") + `UNet` ("unet"),
+    and optionally its own caption encoder ("caption_encoder").
 
-    The submodule names are the unCLIP pipeline's components (`text_proj`; diffusers calls the
-    U-Net `decoder`).
+    Two ways to encode the caption (the paper leaves it open):
+    - Karlo's: a frozen CLIP text tower outside this module; pass its pooled projection
+      `text_embeds` (B, D) and its last hidden states `text_states` (B, L, W).
+    - GLIDE's: `caption_encoder`, a transformer trained with the decoder (CLIP's text tower
+      architecture, `models.clip.TextTransformer`); pass `input_ids` (B, L) and the decoder
+      encodes them itself, its pooled end-of-text state playing `text_embeds`.
+    `text_mask` (B, L) marks the valid caption tokens either way. The submodule names are the
+    unCLIP pipeline's components (`text_proj`; diffusers calls the U-Net `decoder`).
     """
 
     unet: UNet
     text_proj: DecoderConditioning
+    caption_encoder: nn.Module | None = None
 
     @nn.compact
     def __call__(
@@ -571,15 +579,26 @@ class Decoder(nn.Module):
         x: Array,
         t: Array,
         z_i: Array,
-        text_embeds: Array,
-        text_states: Array,
-        text_mask: Array,
+        text_embeds: Array | None = None,
+        text_states: Array | None = None,
+        text_mask: Array | None = None,
         *,
+        input_ids: Array | None = None,
         drop_image: Array | None = None,
         drop_text: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
-        """x_t (B, H, W, 3), t (B,), conditioning as `DecoderConditioning` -> (B, H, W, out)."""
+        """x_t (B, H, W, 3), t (B,), z_i (B, D), the caption as above -> (B, H, W, out)."""
+        if text_mask is None:
+            raise ValueError("the decoder needs text_mask (B, L), the valid caption tokens")
+        if self.caption_encoder is not None:
+            if input_ids is None:
+                raise ValueError("this decoder encodes captions itself: pass input_ids")
+            text_states, text_embeds = self.caption_encoder(input_ids, text_mask)
+        elif text_embeds is None or text_states is None:
+            raise ValueError(
+                "this decoder reads a CLIP text encoder's outputs: pass text_embeds and text_states"
+            )
         emb, context, mask = self.text_proj(
             z_i, text_embeds, text_states, text_mask, drop_image=drop_image, drop_text=drop_text
         )

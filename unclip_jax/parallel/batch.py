@@ -71,3 +71,23 @@ def global_batch(local_batch: Any, mesh: Mesh, spec: PartitionSpec = BATCH_SPEC)
         )
 
     return jax.tree.map(one, local_batch)
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Every device of the mesh holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of `tree` as a global array held whole by every device of the mesh.
+
+    Each process passes the same values (e.g. frozen weights every process read from the same
+    checkpoint); works with one process or many.
+    """
+    sharding = replicated_sharding(mesh)
+
+    def one(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)

@@ -26,7 +26,7 @@ from unclip_jax.clip import (
     example_transform,
     save_pretrained,
 )
-from unclip_jax.data.pipeline import make_pipeline, open_dataset
+from unclip_jax.data.pipeline import dataset_spec, make_pipeline, open_dataset
 from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
 from unclip_jax.models.clip import init_params as init_clip_params
@@ -34,17 +34,6 @@ from unclip_jax.models.clip_tokenizer import ClipTokenizer
 from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
 
 log = logging.getLogger("unclip_jax.train")
-
-
-def dataset_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
-    """(open_dataset spec, keyword arguments) of a stage config's `data` block."""
-    data = config.data
-    if data.dataset == "shapes":
-        sizes = {k: data[k] for k in ("train_size", "test_size") if data.get(k)}
-        return f"shapes:{data.resolution}", {"data_dir": data.data_dir or None, **sizes}
-    if not data.data_dir:
-        raise ValueError("data.data_dir must name a dataset built with `unclip-jax data build`")
-    return data.data_dir, {}
 
 
 def clip_tokenizer(
@@ -72,7 +61,7 @@ def clip_tokenizer(
 def _retrieval_hook(
     config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, clip_config: ClipConfig
 ) -> Hook:
-    spec, kwargs = dataset_spec(config)
+    spec, kwargs = dataset_spec(config.data)
     cache: dict[str, Any] = {}
 
     def test_inputs() -> dict[str, Any]:
@@ -142,7 +131,7 @@ def _export_hook(
 @register_stage("clip")
 def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """CLIP from scratch: init, the symmetric contrastive loss, image-text batches, hooks."""
-    spec, kwargs = dataset_spec(config)
+    spec, kwargs = dataset_spec(config.data)
     train_source = open_dataset(spec, "train", **kwargs)
     tokenizer = clip_tokenizer(config, train_source, workdir)
     clip_config = ClipConfig.from_model_config(
@@ -155,8 +144,8 @@ def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = No
     dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
     model = CLIP(clip_config, dtype=dtype)
 
-    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple:
-        del rng
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, frozen: None) -> tuple:
+        del rng, frozen
         z_t, z_i, scale = model.apply(
             {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"]
         )

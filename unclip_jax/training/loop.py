@@ -32,6 +32,8 @@ from unclip_jax.parallel import (
     describe_mesh,
     global_batch,
     make_mesh,
+    replicate,
+    replicated_sharding,
 )
 from unclip_jax.training.checkpoint import (
     checkpoint_manager,
@@ -193,6 +195,12 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+def _nanmean(values: list[float]) -> float:
+    """The mean of the finite values, NaN (without numpy's warning) when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
     """Device metrics as floats; a 1-D metric `m` becomes `m/0`, `m/1`, ..."""
     values: dict[str, float] = {}
@@ -273,7 +281,9 @@ def train_and_evaluate(
             ),
             shardings,
             batch_sharding(mesh),
+            None if stage.frozen is None else replicated_sharding(mesh),
         )
+        frozen = () if stage.frozen is None else (replicate(stage.frozen, mesh),)
 
         # ---- log the start ----------------------------------------------------------------
         start = int(jax.device_get(state.step))
@@ -313,7 +323,7 @@ def train_and_evaluate(
         ):
             while step < end:
                 batch = global_batch(next(data), mesh)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, *frozen)
                 step += 1
                 # Check the previous step while this one runs (one step in flight) ...
                 if pending is not None:
@@ -328,9 +338,7 @@ def train_and_evaluate(
 
                 if log_due:
                     now = time.perf_counter()
-                    means = {
-                        k: float(np.nanmean([w.get(k, np.nan) for w in window])) for k in window[-1]
-                    }
+                    means = {k: _nanmean([w.get(k, np.nan) for w in window]) for k in window[-1]}
                     means["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
                     writer.write_scalars(step, means)
                     bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)

@@ -51,7 +51,8 @@ class MetricsWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for name, value in values.items():
-            self._tb.add_scalar(name, value, int(step))
+            if math.isfinite(value):  # e.g. an empty timestep bucket: in the JSONL only
+                self._tb.add_scalar(name, value, int(step))
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """A text entry in TensorBoard (e.g. the config at start)."""

@@ -3,8 +3,10 @@
 A stage (prior, decoder, upsampler, CLIP, ...) supplies:
 - `init_params(rng)`: the model's params, with logical axis names on every param
   (`nn.with_logical_partitioning`), called under `jax.eval_shape` and `jax.jit`;
-- `loss_fn(params, batch, rng) -> (loss, metrics)`: on the GLOBAL batch, params in the
-  compute dtype; metrics are scalars (or arrays that are averaged);
+- `loss_fn(params, batch, rng, frozen) -> (loss, metrics)`: on the GLOBAL batch, params in
+  the compute dtype; metrics are scalars (or 1-D arrays, logged per element);
+- optional `frozen`: a pytree of arrays the loss reads but never trains (e.g. the conditioning
+  CLIP's params), replicated on every device and passed to `loss_fn` as `frozen`;
 - `make_data(process_index, process_count)`: this process's iterator of host-local batches
   (numpy pytrees of batch_size / process_count rows) with get_state/set_state;
 - optional `hooks`: periodic evaluation or sample grids, run on every process.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -64,6 +67,7 @@ class Stage:
     loss_fn: LossFn
     make_data: Callable[[int, int], DataIterator]
     hooks: Sequence[Hook] = ()
+    frozen: Any = None
 
 
 # builder(config, workdir=...) -> Stage; workdir (None outside a run) is where a stage keeps
@@ -71,7 +75,11 @@ class Stage:
 StageBuilder = Callable[..., Stage]
 _REGISTRY: dict[str, StageBuilder] = {}
 # Modules that register the project's stages when imported (added as stages land).
-STAGE_MODULES: tuple[str, ...] = ("unclip_jax.training.clip_stage",)
+STAGE_MODULES: tuple[str, ...] = (
+    "unclip_jax.training.clip_stage",
+    "unclip_jax.training.decoder_stage",
+    "unclip_jax.training.upsampler_stage",
+)
 
 
 def register_stage(name: str) -> Callable[[StageBuilder], StageBuilder]:

@@ -11,8 +11,9 @@ import optax
 
 from unclip_jax.training.state import Params, TrainState
 
-# A stage's loss: (params in the compute dtype, global batch, rng) -> (scalar loss, metrics).
-LossFn = Callable[[Params, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# A stage's loss: (params in the compute dtype, global batch, rng, frozen) -> (scalar loss,
+# metrics); `frozen` is the stage's untrained inputs (e.g. the conditioning CLIP's params) or None.
+LossFn = Callable[[Params, Any, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Metrics the step itself reports; a stage's loss_fn may not use these names.
@@ -58,11 +59,15 @@ def make_train_step(
         )
     dtype = COMPUTE_DTYPES[compute_dtype]
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(
+        state: TrainState, batch: Any, frozen: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        # Frozen inputs get no gradient and run in the compute dtype like the params.
+        frozen = jax.lax.stop_gradient(cast_floats(frozen, dtype))
 
         def objective(params: Params) -> tuple[jax.Array, dict[str, jax.Array]]:
-            loss, metrics = loss_fn(cast_floats(params, dtype), batch, rng)
+            loss, metrics = loss_fn(cast_floats(params, dtype), batch, rng, frozen)
             return loss.astype(jnp.float32), metrics
 
         (loss, stage_metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -94,14 +99,24 @@ def make_train_step(
 
 
 def compile_train_step(
-    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
     state_shardings: TrainState,
     batch_sharding: Any,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """`jax.jit` of the step with the state's shardings in and out and the state donated."""
+    frozen_sharding: Any = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`jax.jit` of `step(state, batch, frozen)` with the state's shardings in and out and the
+    state donated; `frozen_sharding` (a sharding or a tree of them) lays out the frozen inputs
+    (None: the step is called without them)."""
+    if frozen_sharding is None:
+        return jax.jit(
+            lambda state, batch: step(state, batch),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, frozen_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )

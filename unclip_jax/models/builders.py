@@ -1,0 +1,129 @@
+"""Model config blocks (`configs/decoder.py`, `configs/upsampler.py`) -> Flax modules.
+
+One place turns a config's `model` block into a module and dummy inputs of its sizes, so the
+training stages, the samplers, the parameter counts and the tests build the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.clip import TextConfig, TextTransformer
+from unclip_jax.models.unet import Decoder, DecoderConditioning, UNet
+
+Array = jax.Array
+
+TEXT_ENCODERS = ("clip", "transformer")
+
+
+def _unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(
+        channels=model["channels"],
+        channel_mult=tuple(model["channel_mult"]),
+        num_res_blocks=model["num_res_blocks"],
+        dropout=model["dropout"],
+        num_groups=model.get("num_groups", 32),
+    )
+
+
+def caption_transformer_config(model: Mapping[str, Any], eos_token_id: int | None) -> TextConfig:
+    """GLIDE's caption transformer, in CLIP's text-tower architecture (MLP width 4x)."""
+    return TextConfig(
+        hidden_size=model["text_width"],
+        intermediate_size=4 * model["text_width"],
+        num_hidden_layers=model["text_layers"],
+        num_attention_heads=model["text_heads"],
+        vocab_size=model["vocab_size"],
+        max_position_embeddings=model["text_tokens"],
+        eos_token_id=model["vocab_size"] - 1 if eos_token_id is None else eos_token_id,
+    )
+
+
+def decoder_from_config(
+    model: Mapping[str, Any], *, dtype: Any = jnp.float32, eos_token_id: int | None = None
+) -> Decoder:
+    """The decoder of a `configs/decoder.py` model block.
+
+    Out channels are 6 (mean and the learned-range variance interpolation). With
+    text_encoder "transformer" the decoder owns a caption transformer that pools at
+    `eos_token_id` (the tokenizer's end-of-text id; default vocab_size - 1); with "clip" it
+    reads a CLIP text tower's outputs.
+    """
+    if model["text_encoder"] not in TEXT_ENCODERS:
+        raise ValueError(
+            f"model.text_encoder {model['text_encoder']!r}: valid: {', '.join(TEXT_ENCODERS)}"
+        )
+    time_embed_dim = 4 * model["channels"]
+    caption_encoder = None
+    if model["text_encoder"] == "transformer":
+        caption_encoder = TextTransformer(caption_transformer_config(model, eos_token_id), dtype)
+    return Decoder(
+        unet=UNet(
+            in_channels=3,
+            out_channels=6,
+            attention_resolutions=tuple(model["attention_resolutions"]),
+            head_channels=model["head_channels"],
+            resolution=model["resolution"],
+            dtype=dtype,
+            **_unet_fields(model),
+        ),
+        text_proj=DecoderConditioning(
+            clip_dim=model["clip_dim"],
+            time_embed_dim=time_embed_dim,
+            cross_dim=model["context_dim"],
+            num_extra_tokens=model["num_context_tokens"],
+            dtype=dtype,
+        ),
+        caption_encoder=caption_encoder,
+    )
+
+
+def decoder_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[str, Array]:
+    """Zero inputs of the decoder's sizes (for `init` and shape checks), as keyword args."""
+    res, length = model["resolution"], model["text_tokens"]
+    inputs = dict(
+        x=jnp.zeros((batch, res, res, 3)),
+        t=jnp.zeros((batch,)),
+        z_i=jnp.zeros((batch, model["clip_dim"])),
+        text_mask=jnp.ones((batch, length), bool),
+    )
+    if model["text_encoder"] == "transformer":
+        inputs["input_ids"] = jnp.zeros((batch, length), jnp.int32)
+    else:
+        inputs["text_embeds"] = jnp.zeros((batch, model["clip_dim"]))
+        inputs["text_states"] = jnp.zeros((batch, length, model["text_width"]))
+    return inputs
+
+
+def upsampler_from_config(
+    model: Mapping[str, Any], *, learned_variance: bool = False, dtype: Any = jnp.float32
+) -> UNet:
+    """The attention-free upsampler U-Net of a `configs/upsampler.py` model block.
+
+    Input: the noisy high-res image and the resized low-res one (6 channels,
+    `unet.upsampler_input`); output 3 channels, or 6 with a learned-range variance.
+    """
+    return UNet(
+        in_channels=6,
+        out_channels=6 if learned_variance else 3,
+        attention_resolutions=(),
+        mid_attention=False,
+        resolution=model["resolution"],
+        dtype=dtype,
+        **_unet_fields(model),
+    )
+
+
+def upsampler_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[str, Array]:
+    """Zero inputs of the upsampler's full training size, as keyword args."""
+    res = model["resolution"]
+    return dict(x=jnp.zeros((batch, res, res, 6)), t=jnp.zeros((batch,)))
+
+
+def init_module(module: Any, inputs: Mapping[str, Array], rng: Array) -> Any:
+    """A module's boxed params (logical axis names kept) from keyword example inputs."""
+    return module.init(rng, **inputs)["params"]

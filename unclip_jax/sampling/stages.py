@@ -1,0 +1,135 @@
+"""One stage's sampler from its config: the decoder (guided) and the upsamplers.
+
+Each `*_sampler` returns a jitted pure function of (params, inputs, key) -> images in [-1, 1],
+compiled once per input shape, so a training hook and a sampling job run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from unclip_jax import diffusion as D
+from unclip_jax.models.unet import Decoder, UNet, upsampler_input
+
+Array = jax.Array
+
+
+def sampling_schedule(diffusion: Mapping[str, Any], sampling: Mapping[str, Any]) -> D.Schedule:
+    """The training schedule respaced to `sampling.steps` ('250', 'ddim27', '10,10,5')."""
+    return D.make_schedule(diffusion["schedule"], diffusion["num_steps"], sampling["steps"])
+
+
+def _sample(
+    model_fn: Callable[[Array, Array], Array],
+    x_T: Array,
+    key: Array,
+    diffusion: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+) -> Array:
+    return D.sample(
+        model_fn=model_fn,
+        sched=sampling_schedule(diffusion, sampling),
+        x_T=x_T,
+        key=key,
+        method=sampling["method"],
+        eta=sampling.get("eta", 0.0),
+        prediction=diffusion["prediction"],
+        variance=diffusion["variance"],
+        clip=sampling.get("clip_x0") or None,
+        dynamic_threshold=sampling.get("dynamic_threshold") or None,
+    )
+
+
+def decoder_sampler(
+    decoder: Decoder,
+    diffusion: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+    *,
+    resolution: int,
+) -> Callable[[Any, Mapping[str, Array], Array], Array]:
+    """`fn(params, cond, key) -> (B, resolution, resolution, 3)` images in [-1, 1].
+
+    `cond` holds the decoder's conditioning, batch first: `z_i`, `text_mask`, and `input_ids`
+    (a decoder with its own caption transformer) or `text_embeds` + `text_states` (CLIP's).
+    With `sampling.guidance_scale` s != 1 the model runs on [cond; uncond] in one batch, the
+    unconditional half with z_i replaced by the learned null embedding and the caption dropped
+    (how guidance training dropped them), and the prediction is s cond + (1 - s) uncond.
+    """
+    scale = float(sampling["guidance_scale"])
+    variance = diffusion["variance"]
+
+    def model_fn(params: Any, x: Array, t: Array, c: Mapping[str, Array]) -> Array:
+        c = dict(c)
+        drop_image, drop_text = c.pop("drop_image", None), c.pop("drop_text", None)
+        return decoder.apply(
+            {"params": params},
+            x,
+            t,
+            drop_image=drop_image,
+            drop_text=drop_text,
+            deterministic=True,
+            **c,
+        ).astype(jnp.float32)
+
+    @jax.jit
+    def fn(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        batch = cond["z_i"].shape[0]
+        noise_key, loop_key = jax.random.split(key)
+        x_T = jax.random.normal(noise_key, (batch, resolution, resolution, 3))
+        if scale == 1.0:
+            return _sample(
+                lambda x, t: model_fn(params, x, t, cond), x_T, loop_key, diffusion, sampling
+            )
+        kept = {
+            **cond,
+            "drop_image": jnp.zeros((batch,), bool),
+            "drop_text": jnp.zeros((batch,), bool),
+        }
+        dropped = {
+            **cond,
+            "drop_image": jnp.ones((batch,), bool),
+            "drop_text": jnp.ones((batch,), bool),
+        }
+        guided = D.guided_model_fn(
+            lambda x, t, c: model_fn(params, x, t, c),
+            cond=kept,
+            uncond=dropped,
+            scale=scale,
+            variance=variance,
+        )
+        return _sample(guided, x_T, loop_key, diffusion, sampling)
+
+    return fn
+
+
+def upsampler_sampler(
+    unet: UNet,
+    diffusion: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+    *,
+    scale: int,
+) -> Callable[[Any, Array, Array], Array]:
+    """`fn(params, low_res, key) -> (B, scale h, scale w, 3)` images in [-1, 1].
+
+    `low_res` (B, h, w, 3) in [-1, 1] is resized to the output size and concatenated to x_t
+    at every step (`upsampler_input`); having no attention the U-Net runs on the whole image
+    whatever crop size it trained on.
+    """
+
+    @jax.jit
+    def fn(params: Any, low_res: Array, key: Array) -> Array:
+        b, h, w, c = low_res.shape
+        noise_key, loop_key = jax.random.split(key)
+        x_T = jax.random.normal(noise_key, (b, scale * h, scale * w, c))
+
+        def model_fn(x: Array, t: Array) -> Array:
+            out = unet.apply({"params": params}, upsampler_input(x, low_res), t)
+            return out.astype(jnp.float32)
+
+        return _sample(model_fn, x_T, loop_key, diffusion, sampling)
+
+    return fn

@@ -1,0 +1,207 @@
+"""The `decoder` stage: the unCLIP decoder P(x | z_i, y) trained on images and captions.
+
+z_i (and, for a Karlo-style decoder, the caption's states) come from a frozen CLIP read from
+`clip.dir` (a pretrained Hugging Face CLIP or WORKDIR/clip of our own `clip` stage), computed
+inside the train step from the batch's CLIP pixels and tokens, so any image-text dataset
+trains the decoder without a separate embedding pass. Guidance training drops z_i (to the
+learned null embedding) and the caption independently, at `guidance.*` rates. The EMA
+model's guided samples on fixed test captions go to WORKDIR/samples and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unclip_jax import diffusion as D
+from unclip_jax.clip import PretrainedClip, load_pretrained, preprocess_images
+from unclip_jax.config import ConfigError
+from unclip_jax.data.images import resize, to_float
+from unclip_jax.data.pipeline import dataset_spec, make_pipeline, open_dataset
+from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
+from unclip_jax.models.clip import CLIP
+from unclip_jax.sampling.stages import decoder_sampler
+from unclip_jax.training.denoising import denoising_loss
+from unclip_jax.training.samples import write_sample_grid
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
+from unclip_jax.training.step import COMPUTE_DTYPES
+
+Array = jax.Array
+
+
+def load_conditioning_clip(config: ml_collections.ConfigDict) -> PretrainedClip:
+    """The frozen CLIP of `clip.dir`, checked against the model config's sizes."""
+    path = config.clip.dir
+    if not path:
+        raise ConfigError(
+            "config key 'clip.dir' is empty: set it to a CLIP checkpoint directory (a "
+            "pretrained Hugging Face CLIP, or WORKDIR/clip of `unclip-jax train --config "
+            "configs/clip.py:...`)"
+        )
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"clip.dir {path!r} is not a directory")
+    clip = load_pretrained(path)
+    check_clip_fits(config.model, clip, path)
+    return clip
+
+
+def check_clip_fits(model: Mapping[str, Any], clip: PretrainedClip, path: str) -> None:
+    """ConfigError naming the first model key that disagrees with the CLIP at `path`."""
+    c = clip.config
+    wanted = {"clip_dim": c.projection_dim}
+    if model["text_encoder"] == "clip":
+        wanted.update(text_width=c.text.hidden_size, text_tokens=c.context_length)
+    else:
+        wanted["text_tokens"] = min(model["text_tokens"], c.context_length)
+        if clip.tokenizer.vocab_size > model["vocab_size"]:
+            raise ConfigError(
+                f"config key 'model.vocab_size' is {model['vocab_size']}, but the tokenizer of "
+                f"{path} has {clip.tokenizer.vocab_size} tokens"
+            )
+    for key, value in wanted.items():
+        if model[key] != value:
+            raise ConfigError(
+                f"config key 'model.{key}' is {model[key]!r}, but the CLIP at {path} needs "
+                f"{value!r} (its {'embedding width' if key == 'clip_dim' else 'text tower'})"
+            )
+
+
+def decoder_transform(clip: PretrainedClip, resolution: int, text_tokens: int) -> Any:
+    """`transform(example, rng)`: an {"image", "caption"} example -> the decoder's batch row:
+    "image" float32 [-1, 1] at `resolution`, "clip_pixels" (the CLIP's preprocessing of the
+    original image), "input_ids" and "text_mask" (the CLIP tokenizer, `text_tokens` long)."""
+    size = clip.config.vision.image_size
+
+    def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        del rng
+        image = example["image"]
+        ids, mask = clip.tokenizer([str(example["caption"])], context_length=text_tokens)
+        pixels = preprocess_images([image], size, mean=clip.image_mean, std=clip.image_std)
+        return {
+            "image": to_float(resize(image, (resolution, resolution))),
+            "clip_pixels": pixels[0],
+            "input_ids": ids[0],
+            "text_mask": mask[0].astype(bool),
+        }
+
+    return transform
+
+
+def _conditioning_fn(clip_model: CLIP, text_encoder: str) -> Any:
+    """`encode(clip_params, batch) -> cond`: the decoder's conditioning from the frozen CLIP."""
+
+    def encode(clip_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
+        variables = {"params": clip_params}
+        cond = {
+            "z_i": clip_model.apply(variables, batch["clip_pixels"], method="encode_image"),
+            "text_mask": batch["text_mask"],
+        }
+        if text_encoder == "transformer":
+            cond["input_ids"] = batch["input_ids"]
+        else:
+            mask = batch["text_mask"].astype(jnp.int32)
+            cond["text_embeds"], cond["text_states"] = clip_model.apply(
+                variables, batch["input_ids"], mask, method="encode_text_and_states"
+            )
+        return cond
+
+    return encode
+
+
+def _sample_hook(
+    config: ml_collections.ConfigDict,
+    decoder: Any,
+    encode: Any,
+    clip: PretrainedClip,
+    transform: Any,
+) -> Hook:
+    spec, kwargs = dataset_spec(config.data)
+    sampler = decoder_sampler(
+        decoder, config.diffusion, config.sampling, resolution=config.model.resolution
+    )
+    cache: dict[str, Any] = {}
+
+    def run(ctx: HookContext) -> None:
+        if not cache:
+            test = open_dataset(spec, "test", **kwargs)
+            examples = [test[i] for i in range(min(len(test), config.samples.num))]
+            rows = [transform(e, None) for e in examples]
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            # On the host: the sampler's params live on the mesh, these get replicated.
+            cache["cond"] = jax.device_get(jax.jit(encode)(clip.params, batch))
+            cache["captions"] = [str(e["caption"]) for e in examples]
+        images = sampler(ctx.state.ema_params, cache["cond"], jax.random.key(config.train.seed))
+        write_sample_grid(ctx, "decoder", jax.device_get(images), cache["captions"])
+        return None
+
+    return Hook("samples", config.samples.every, run)
+
+
+@register_stage("decoder")
+def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
+    """The decoder with the hybrid loss, guidance dropout and CLIP conditioning."""
+    del workdir
+    clip = load_conditioning_clip(config)
+    model_config = config.model.to_dict()
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    decoder = decoder_from_config(model_config, dtype=dtype, eos_token_id=clip.tokenizer.eos_id)
+    clip_model = CLIP(clip.config, dtype=dtype)
+    encode = _conditioning_fn(clip_model, model_config["text_encoder"])
+    sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    guidance = config.guidance
+    spec, kwargs = dataset_spec(config.data)
+    train_source = open_dataset(spec, "train", **kwargs)
+    transform = decoder_transform(clip, model_config["resolution"], model_config["text_tokens"])
+
+    def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
+        cond = encode(frozen["clip"], batch)
+        image_key, text_key, dropout_key, diffusion_key = jax.random.split(rng, 4)
+        b = batch["image"].shape[0]
+        # Guidance training: z_i -> the learned null embedding, the caption dropped (Sec. 2.1).
+        drop_image = jax.random.bernoulli(image_key, guidance.clip_drop_prob, (b,))
+        drop_text = jax.random.bernoulli(text_key, guidance.text_drop_prob, (b,))
+
+        def apply(x_t: Array, t: Array) -> Array:
+            return decoder.apply(
+                {"params": params},
+                x_t.astype(dtype),
+                t,
+                drop_image=drop_image,
+                drop_text=drop_text,
+                deterministic=False,
+                rngs={"dropout": dropout_key},
+                **cond,
+            )
+
+        return denoising_loss(
+            apply, batch["image"], diffusion_key, sched=sched, diffusion=config.diffusion
+        )
+
+    def make_data(process_index: int, process_count: int) -> Any:
+        return make_pipeline(
+            train_source,
+            global_batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            transform=transform,
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=config.data.workers,
+        )
+
+    hooks = []
+    if config.samples.every > 0:
+        hooks.append(_sample_hook(config, decoder, encode, clip, transform))
+    return Stage(
+        init_params=functools.partial(init_module, decoder, decoder_example_inputs(model_config)),
+        loss_fn=loss_fn,
+        make_data=make_data,
+        hooks=tuple(hooks),
+        frozen={"clip": clip.params},
+    )

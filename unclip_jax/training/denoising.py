@@ -1,0 +1,52 @@
+"""The denoising objective every diffusion stage trains with, from its `diffusion` config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from unclip_jax import diffusion as D
+
+Array = jax.Array
+
+
+def denoising_loss(
+    apply: Callable[[Array, Array], Array],
+    x0: Array,
+    rng: Array,
+    *,
+    sched: D.Schedule,
+    diffusion: Mapping[str, Any],
+) -> tuple[Array, dict[str, Array]]:
+    """(mean loss, metrics) of the model `apply(x_t, t) -> output` on clean data x0.
+
+    t ~ U{0, ..., N-1} and eps ~ N(0, I) per example, x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
+    and the loss is `diffusion.loss` ('mse' or 'hybrid' = L_simple + vlb_weight N L_t) of the
+    output against `diffusion.prediction`'s target. Metrics: the mean MSE, the VLB term in
+    bits/dim (hybrid), and the loss in 4 timestep quartiles (`loss_by_t/0..3`).
+    """
+    t_key, noise_key = jax.random.split(rng)
+    b = x0.shape[0]
+    x0 = x0.astype(jnp.float32)
+    t = jax.random.randint(t_key, (b,), 0, sched.num_steps)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
+    output = apply(x_t, t).astype(jnp.float32)
+    losses = D.diffusion_loss(
+        output=output,
+        x0=x0,
+        x_t=x_t,
+        noise=noise,
+        t=t,
+        sched=sched,
+        prediction=diffusion["prediction"],
+        variance=diffusion["variance"],
+        loss=diffusion["loss"],
+        vlb_weight=diffusion["vlb_weight"],
+    )
+    metrics = {k: jnp.mean(v) for k, v in losses.items() if k != "loss"}
+    metrics["loss_by_t"] = D.timestep_bucket_means(losses["loss"], t, num_steps=sched.num_steps)
+    return jnp.mean(losses["loss"]), metrics

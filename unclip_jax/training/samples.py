@@ -1,0 +1,38 @@
+"""Sample grids written during training: a PNG per step in WORKDIR/samples and TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from unclip_jax.data.images import to_uint8
+from unclip_jax.data.show import caption_grid
+from unclip_jax.training.stages import HookContext
+
+log = logging.getLogger("unclip_jax.train")
+
+
+def write_sample_grid(
+    ctx: HookContext,
+    name: str,
+    images: np.ndarray | jax.Array,
+    captions: Sequence[str],
+    *,
+    columns: int | None = None,
+) -> str:
+    """Writes float images in [-1, 1] (B, H, W, 3) as WORKDIR/samples/NAME_STEP.png (captioned)
+    and as a TensorBoard image batch `samples/NAME`; process 0 only. Returns the PNG's path."""
+    path = os.path.join(ctx.workdir, "samples", f"{name}_{ctx.step:08d}.png")
+    if jax.process_index() != 0:
+        return path
+    pixels = to_uint8(np.asarray(images))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    scale = max(1, 128 // pixels.shape[1])
+    caption_grid(list(pixels), list(captions), columns=columns, scale=scale).save(path)
+    ctx.writer.write_images(ctx.step, f"samples/{name}", pixels)
+    log.info("wrote %d samples to %s", len(pixels), path)
+    return path

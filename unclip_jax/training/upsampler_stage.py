@@ -1,0 +1,144 @@
+"""The `upsampler` stage: the attention-free diffusion upsamplers (64->256, 256->1024).
+
+Each example is a random crop of `train_crop` pixels of the high-res image (1/4 of the target
+size in the paper) and its degraded low-res view (`degradation.kind`: Gaussian blur for the
+first stage, BSR for the second). The U-Net sees [x_t ; upsample(low)] and, being fully
+convolutional, samples whole images at `model.resolution`: the EMA model's samples on test
+images (downsampled without degradation, as the cascade feeds them) go to WORKDIR/samples and
+TensorBoard as [bicubic | sample | original] rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from unclip_jax import diffusion as D
+from unclip_jax.config import ConfigError
+from unclip_jax.data.degradations import make_low_res
+from unclip_jax.data.images import to_float
+from unclip_jax.data.pipeline import dataset_spec, make_pipeline, open_dataset, upsampler_views
+from unclip_jax.models.builders import init_module, upsampler_example_inputs, upsampler_from_config
+from unclip_jax.models.unet import upsampler_input
+from unclip_jax.sampling.stages import upsampler_sampler
+from unclip_jax.training.denoising import denoising_loss
+from unclip_jax.training.samples import write_sample_grid
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
+from unclip_jax.training.step import COMPUTE_DTYPES
+
+Array = jax.Array
+
+
+def upsampler_scale(config: ml_collections.ConfigDict) -> int:
+    """resolution / low_resolution, or a ConfigError naming the keys that do not divide."""
+    model = config.model
+    scale, rest = divmod(model.resolution, model.low_resolution)
+    if rest or scale < 2:
+        raise ConfigError(
+            f"config keys 'model.resolution' ({model.resolution}) and 'model.low_resolution' "
+            f"({model.low_resolution}): the resolution must be an integer multiple (>= 2) of "
+            "the low resolution"
+        )
+    levels = len(model.channel_mult)
+    if config.train_crop % (scale * 2 ** (levels - 1)) or config.train_crop > model.resolution:
+        raise ConfigError(
+            f"config key 'train_crop' is {config.train_crop}: it must be at most "
+            f"model.resolution ({model.resolution}) and a multiple of "
+            f"{scale * 2 ** (levels - 1)} (the scale {scale} times the U-Net's down-sampling "
+            f"2**{levels - 1})"
+        )
+    if config.data.get("resolution", model.resolution) != model.resolution:
+        raise ConfigError(
+            f"config key 'data.resolution' is {config.data.resolution}, but the upsampler "
+            f"trains towards model.resolution {model.resolution}: set them equal"
+        )
+    return scale
+
+
+def _sample_hook(config: ml_collections.ConfigDict, unet: Any, scale: int) -> Hook:
+    spec, kwargs = dataset_spec(config.data)
+    sampler = upsampler_sampler(unet, config.diffusion, config.sampling, scale=scale)
+    cache: dict[str, Any] = {}
+
+    def run(ctx: HookContext) -> None:
+        if not cache:
+            test = open_dataset(spec, "test", **kwargs)
+            high = [test[i]["image"] for i in range(min(len(test), config.samples.num))]
+            low = [make_low_res(h, scale=scale, kind="none") for h in high]
+            cache["low"] = np.stack([to_float(x) for x in low])
+            cache["high"] = np.stack([to_float(x) for x in high])
+        low = cache["low"]
+        images = np.asarray(
+            jax.device_get(sampler(ctx.state.ema_params, low, jax.random.key(config.train.seed)))
+        )
+        bicubic = np.asarray(jax.image.resize(low, images.shape, method="bicubic"), np.float32)
+        rows = np.stack([bicubic, images, cache["high"]], axis=1).reshape(-1, *images.shape[1:])
+        labels = ["bicubic", "sample", "original"] * len(images)
+        write_sample_grid(ctx, "upsampler", rows, labels, columns=3)
+        return None
+
+    return Hook("samples", config.samples.every, run)
+
+
+@register_stage("upsampler")
+def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
+    """An upsampler trained on degraded random crops, sampling whole images."""
+    del workdir
+    scale = upsampler_scale(config)
+    model_config = config.model.to_dict()
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    learned = config.diffusion.variance == "learned_range"
+    unet = upsampler_from_config(model_config, learned_variance=learned, dtype=dtype)
+    sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    spec, kwargs = dataset_spec(config.data)
+    train_source = open_dataset(spec, "train", **kwargs)
+    transform = upsampler_views(
+        scale=scale,
+        crop_fraction=config.train_crop / model_config["resolution"],
+        kind=config.degradation.kind,
+        blur_kernel_size=config.degradation.blur_kernel,
+        blur_sigma=config.degradation.blur_sigma,
+    )
+
+    def loss_fn(params: Any, batch: Any, rng: Array, frozen: None) -> tuple:
+        del frozen
+        dropout_key, diffusion_key = jax.random.split(rng)
+        low = batch["low"]
+
+        def apply(x_t: Array, t: Array) -> Array:
+            return unet.apply(
+                {"params": params},
+                upsampler_input(x_t.astype(dtype), low.astype(dtype)),
+                t,
+                deterministic=False,
+                rngs={"dropout": dropout_key},
+            )
+
+        return denoising_loss(
+            apply, batch["high"], diffusion_key, sched=sched, diffusion=config.diffusion
+        )
+
+    def make_data(process_index: int, process_count: int) -> Any:
+        return make_pipeline(
+            train_source,
+            global_batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            transform=transform,
+            process_index=process_index,
+            process_count=process_count,
+            worker_count=config.data.workers,
+        )
+
+    hooks = []
+    if config.samples.every > 0:
+        hooks.append(_sample_hook(config, unet, scale))
+    return Stage(
+        init_params=functools.partial(init_module, unet, upsampler_example_inputs(model_config)),
+        loss_fn=loss_fn,
+        make_data=make_data,
+        hooks=tuple(hooks),
+    )
