@@ -32,10 +32,13 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         low_resolution=32,
         resolution=128,
         channels=32,
-        channel_mult=(1, 2, 3),
-        num_res_blocks=2,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
         dropout=0.0,
         num_groups=8,
+        # ResBlocks condition on t by scale-shift norm (ADM's default) or, False, by adding the
+        # time embedding before norm2 (Karlo's super-res U-Nets).
+        scale_shift=True,
     )
     # The low-res input is corrupted in training: "blur" (Gaussian, kernel 3, sigma 0.6; the
     # first stage) or "bsr" (random blur, resize and noise; the second stage).
@@ -49,10 +52,10 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     )
     # Grids of [bicubic low-res | EMA sample | original] on the first `num` test images at the
     # full resolution, every `every` steps and at the end (0: never).
-    c.samples = dict(every=2_000, num=4)
-    c.train = train_block(steps=20_000, batch_size=32, checkpoint_every=1_000, log_every=50)
+    c.samples = dict(every=1_000, num=4)
+    c.train = train_block(steps=3_000, batch_size=32, checkpoint_every=500, log_every=50)
     c.mesh = mesh_block()
-    c.optim = optim_block(lr=3e-4, warmup_steps=500, ema_decay=0.999)
+    c.optim = optim_block(lr=5e-4, warmup_steps=200, ema_decay=0.999)
     if arg == "tiny":
         c.model.update(
             low_resolution=8,
@@ -107,7 +110,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
     elif arg == "karlo":
         # kakaobrain/karlo-v1-alpha super_res_first/last (diffusers UNet2DModel, in 6 / out 3):
-        # 320,640,960,1280 channels, 3 layers per block, no attention; 7 steps.
+        # 320,640,960,1280 channels, 3 layers per block, no attention, the time embedding
+        # added (resnet_time_scale_shift "default"); 7 steps.
         c.model.update(
             low_resolution=64,
             resolution=256,
@@ -116,6 +120,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             num_res_blocks=3,
             dropout=0.0,
             num_groups=32,
+            scale_shift=False,
         )
         c.train_crop = 64
         c.sampling.update(steps="7", method="ddpm")

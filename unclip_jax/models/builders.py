@@ -27,6 +27,7 @@ def _unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
         num_res_blocks=model["num_res_blocks"],
         dropout=model["dropout"],
         num_groups=model.get("num_groups", 32),
+        scale_shift=model.get("scale_shift", True),
     )
 
 

@@ -142,6 +142,8 @@ class ResBlock(nn.Module):
         h = conv1(resample(SiLU(norm1(x))))
         scale, shift = split(time_emb_proj(SiLU(emb)))      (first half scale, as ADM)
         h = norm2(h) * (1 + scale) + shift
+    or, with `scale_shift=False` (ADM's use_scale_shift_norm=False, diffusers' "default", as
+    Karlo's super-res U-Nets), h = norm2(h + time_emb_proj(SiLU(emb)));
         h = conv2(dropout(SiLU(h)))                          (conv2 zero-initialised, as ADM)
         out = skip(resample(x)) + h
     `resample` is nearest 2x up (`up`) or 2x2 average pooling (`down`), applied to both h and
@@ -154,6 +156,7 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     norm_eps: float = 1e-5
+    scale_shift: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -171,12 +174,16 @@ class ResBlock(nn.Module):
             h, x = avg_pool_2x(h), avg_pool_2x(x)
         h = _conv(c, name="conv1", dtype=self.dtype)(h)
 
-        scale_shift = _dense(2 * c, ("embed", "channels"), name="time_emb_proj", dtype=self.dtype)(
+        width = 2 * c if self.scale_shift else c
+        temb = _dense(width, ("embed", "channels"), name="time_emb_proj", dtype=self.dtype)(
             nn.silu(emb)
-        )
-        scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-        h = _group_norm(self.num_groups, self.norm_eps, name="norm2", dtype=self.dtype)(h)
-        h = h * (1 + scale) + shift
+        )[:, None, None, :]
+        norm2 = _group_norm(self.num_groups, self.norm_eps, name="norm2", dtype=self.dtype)
+        if self.scale_shift:
+            scale, shift = jnp.split(temb, 2, axis=-1)
+            h = norm2(h) * (1 + scale) + shift
+        else:
+            h = norm2(h + temb)
         h = nn.Dropout(self.dropout, name="dropout")(nn.silu(h), deterministic=deterministic)
         h = _conv(c, name="conv2", dtype=self.dtype, zero_init=True)(h)
 
@@ -254,6 +261,7 @@ class _BlockFields(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     norm_eps: float = 1e-5
+    scale_shift: bool = True
     dtype: Any = jnp.float32
 
     def res(self, out: int, name: str, **kw: Any) -> ResBlock:
@@ -262,6 +270,7 @@ class _BlockFields(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             norm_eps=self.norm_eps,
+            scale_shift=self.scale_shift,
             dtype=self.dtype,
             name=name,
             **kw,
@@ -396,6 +405,7 @@ class UNet(nn.Module):
     time_embed_dim: int | None = None  # default 4 * channels
     num_groups: int = 32
     norm_eps: float = 1e-5
+    scale_shift: bool = True  # ResBlock's time conditioning: scale-shift norm, or an add
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -426,6 +436,7 @@ class UNet(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             norm_eps=self.norm_eps,
+            scale_shift=self.scale_shift,
             dtype=dt,
         )
         cond = dict(context=context, context_mask=context_mask, deterministic=deterministic)

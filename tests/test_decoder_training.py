@@ -1,0 +1,241 @@
+"""The decoder and upsampler stages: configs, CLIP conditioning, training, sample grids."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from clip_fixture import write_random_clip
+from PIL import Image
+
+from unclip_jax.config import ConfigError, load_config
+from unclip_jax.models.builders import (
+    decoder_example_inputs,
+    decoder_from_config,
+    init_module,
+    upsampler_example_inputs,
+    upsampler_from_config,
+)
+from unclip_jax.models.unet import count_params
+from unclip_jax.sampling import upsampler_sampler
+from unclip_jax.training.loop import train_and_evaluate
+from unclip_jax.training.metrics import read_metrics
+from unclip_jax.training.stages import build_stage
+from unclip_jax.training.state import TrainState
+from unclip_jax.training.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(stage: str, variant: str = "tiny", **overrides):
+    return load_config(f"{ROOT}/configs/{stage}.py:{variant}", overrides)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return write_random_clip(str(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+# --- every variant builds, with the sizes Table 3 gives ---------------------------------------
+
+# (stage, variant, parameter count it must come near, relative tolerance); the paper's figures
+# (Table 3: decoder 3.5B, 64->256 700M, 256->1024 300M) and Karlo's published U-Nets.
+SIZES = [
+    ("decoder", "paper", 3.5e9, 0.05),
+    ("decoder", "karlo", 0.89e9, 0.05),
+    ("upsampler", "paper", 0.7e9, 0.06),
+    ("upsampler", "paper_1024", 0.3e9, 0.07),
+]
+
+
+def _abstract(stage: str, c):
+    model = c.model.to_dict()
+    if stage == "decoder":
+        module, inputs = decoder_from_config(model), decoder_example_inputs(model, batch=2)
+    else:
+        module = upsampler_from_config(
+            model, learned_variance=c.diffusion.variance == "learned_range"
+        )
+        inputs = upsampler_example_inputs(model, batch=2)
+    params = jax.eval_shape(functools.partial(init_module, module, inputs), jax.random.key(0))
+    out = jax.eval_shape(lambda p: module.apply({"params": nn.meta.unbox(p)}, **inputs), params)
+    return params, out
+
+
+@pytest.mark.parametrize(
+    "stage,variant",
+    [("decoder", v) for v in ("tiny", "shapes", "paper", "karlo")]
+    + [("upsampler", v) for v in ("tiny", "shapes", "paper", "paper_1024", "karlo")],
+)
+def test_every_variant_builds_with_its_output_shape(stage, variant):
+    c = config(stage, variant)
+    _, out = _abstract(stage, c)  # abstract: the paper's 3.5B costs no memory
+    res = c.model.resolution
+    channels = 6 if c.diffusion.variance == "learned_range" else 3
+    assert out.shape == (2, res, res, channels)
+
+
+@pytest.mark.parametrize("stage,variant,expected,rtol", SIZES)
+def test_paper_and_karlo_variants_have_their_published_sizes(stage, variant, expected, rtol):
+    params, _ = _abstract(stage, config(stage, variant))
+    assert count_params(params) == pytest.approx(expected, rel=rtol)
+
+
+def test_paper_decoder_shards_params_over_every_device():
+    c = config("decoder", "paper")
+    assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
+
+
+# --- the decoder stage --------------------------------------------------------------------------
+
+
+def test_decoder_stage_refuses_a_clip_of_another_width(clip_dir, data_dir):
+    c = config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir, "model.clip_dim": 32})
+    with pytest.raises(ConfigError, match=r"'model.clip_dim' is 32, but the CLIP .* needs 16"):
+        build_stage(c)
+    karlo_style = config(
+        "decoder",
+        **{"clip.dir": clip_dir, "data.data_dir": data_dir, "model.text_encoder": "clip"},
+    )
+    with pytest.raises(ConfigError, match=r"'model.text_width' is 16, but .* needs 32"):
+        build_stage(karlo_style)
+
+
+def test_decoder_stage_names_a_missing_clip_dir(tmp_path):
+    c = config("decoder", **{"clip.dir": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_stage(c)
+
+
+def _stage_and_batch(c):
+    stage = build_stage(c)
+    data = stage.make_data(0, 1)
+    batch = jax.tree.map(jnp.asarray, next(data))
+    params = nn.meta.unbox(jax.jit(stage.init_params)(jax.random.key(0)))
+    return stage, batch, params
+
+
+@pytest.mark.parametrize("text_encoder", ["transformer", "clip"])
+def test_a_few_decoder_steps_on_shapes_lower_the_loss(clip_dir, data_dir, text_encoder):
+    overrides = {"clip.dir": clip_dir, "data.data_dir": data_dir}
+    if text_encoder == "clip":  # Karlo's way: the CLIP's own text states (width 32)
+        overrides.update({"model.text_encoder": "clip", "model.text_width": 32})
+    c = config("decoder", **overrides)
+    stage, batch, params = _stage_and_batch(c)
+    assert batch["image"].shape == (8, 16, 16, 3)  # 32 px shapes resized to the model's 16
+    tx = optax.adam(3e-3)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(1)),
+    )
+    step = jax.jit(make_train_step(stage.loss_fn, tx, ema_decay=0.0))
+    frozen = stage.frozen
+    probe = jax.jit(stage.loss_fn)  # one fixed (t, noise, drops) draw to compare params on
+    key = jax.random.key(7)
+    before, metrics = probe(params, batch, key, frozen)
+    # The hybrid loss is L_simple + lambda N L_vlb (lambda 0.001, N 1000).
+    np.testing.assert_allclose(before, metrics["mse"] + 1.0 * metrics["vlb"], rtol=1e-5)
+    for _ in range(12):
+        state, _ = step(state, batch, frozen)
+    after, after_metrics = probe(state.params, batch, key, frozen)
+    assert float(after_metrics["mse"]) < 0.8 * float(metrics["mse"])
+    assert float(after) < float(before)
+
+
+def test_guidance_dropout_rates_come_from_the_config(clip_dir, data_dir):
+    """With z_i always dropped the loss cannot depend on the image's CLIP embedding."""
+    c = config(
+        "decoder",
+        **{
+            "clip.dir": clip_dir,
+            "data.data_dir": data_dir,
+            "guidance.clip_drop_prob": 1.0,
+            "guidance.text_drop_prob": 1.0,
+            "model.dropout": 0.0,
+        },
+    )
+    stage, batch, params = _stage_and_batch(c)
+    params = jax.tree.map(lambda x: x + 0.05, params)  # no zero-initialised shortcut
+    loss = jax.jit(stage.loss_fn)
+    key = jax.random.key(3)
+    other = {
+        **batch,
+        "clip_pixels": batch["clip_pixels"][::-1],
+        "input_ids": batch["input_ids"][::-1],
+        "text_mask": batch["text_mask"][::-1],
+    }
+    a, _ = loss(params, batch, key, stage.frozen)
+    b, _ = loss(params, other, key, stage.frozen)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    kept = config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir})
+    kept.guidance.update(clip_drop_prob=0.0, text_drop_prob=0.0)
+    kept.model.dropout = 0.0
+    stage = build_stage(kept)
+    a, _ = jax.jit(stage.loss_fn)(params, batch, key, stage.frozen)
+    b, _ = jax.jit(stage.loss_fn)(params, other, key, stage.frozen)
+    assert abs(float(a) - float(b)) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def decoder_run(clip_dir, data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("decoder_run"))
+    c = config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir, "samples.every": 2})
+    train_and_evaluate(c, workdir, stop_after=2)
+    train_and_evaluate(c, workdir)  # resumes at 2, with the frozen CLIP passed again
+    return workdir
+
+
+def test_decoder_trains_through_the_loop_and_writes_sample_grids(decoder_run):
+    records = read_metrics(decoder_run)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["vlb"]) for r in records if "loss" in r)
+    grids = sorted(os.listdir(os.path.join(decoder_run, "samples")))
+    assert grids == ["decoder_00000002.png", "decoder_00000004.png"]
+    with Image.open(os.path.join(decoder_run, "samples", grids[-1])) as grid:
+        assert grid.size[0] >= 2 * 16  # two samples side by side, captions under them
+    assert os.listdir(os.path.join(decoder_run, "tensorboard"))
+
+
+# --- the upsampler stage ------------------------------------------------------------------------
+
+
+def test_upsampler_config_errors_name_the_keys(data_dir):
+    with pytest.raises(ConfigError, match="'train_crop' is 12"):
+        build_stage(config("upsampler", train_crop=12, **{"data.data_dir": data_dir}))
+    with pytest.raises(ConfigError, match=r"'model\.low_resolution'"):
+        build_stage(config("upsampler", **{"model.low_resolution": 12}))
+    with pytest.raises(ConfigError, match=r"'degradation\.kind'"):
+        config("upsampler", **{"degradation.kind": "jpeg"})
+
+
+def test_upsampler_trains_on_crops_and_samples_the_whole_image(data_dir, tmp_path):
+    c = config("upsampler", **{"data.data_dir": data_dir, "samples.every": 4})
+    stage = build_stage(c)
+    batch = next(stage.make_data(0, 1))
+    # Trained on 8 px crops (1/4 of 32) of the image and their 2 px blurred views ...
+    assert batch["high"].shape == (8, 8, 8, 3) and batch["low"].shape == (8, 2, 2, 3)
+    state = train_and_evaluate(c, str(tmp_path), stage=stage)
+    # ... it samples 32 px images from whole 8 px ones.
+    sampler = upsampler_sampler(
+        upsampler_from_config(c.model.to_dict()), c.diffusion, c.sampling, scale=4
+    )
+    low = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+    out = sampler(jax.device_get(state.ema_params), low, jax.random.key(0))
+    assert out.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(out)))
+    grid = os.path.join(str(tmp_path), "samples", "upsampler_00000004.png")
+    assert os.path.exists(grid)
