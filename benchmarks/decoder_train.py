@@ -44,9 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from unclip_jax import diffusion as D
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
 from unclip_jax.models.unet import count_params
 
+SCHEDULE = D.make_schedule("cosine", 1000)  # both sides noise x0 with the same abar_t
 BENCH = dict(
     resolution=64,
     channels=64,
@@ -93,11 +95,9 @@ def ours(inputs: dict[str, np.ndarray], remat: bool) -> tuple[Any, int]:
     )
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
-    abar = jnp.cos(jnp.linspace(0, 1, 1000) * jnp.pi / 2) ** 2  # a stand-in schedule
 
     def loss_fn(p, b):
-        a = abar[b["t"]][:, None, None, None]
-        x_t = jnp.sqrt(a) * b["x0"] + jnp.sqrt(1 - a) * b["noise"]
+        x_t = D.q_sample(x0=b["x0"], t=b["t"], noise=b["noise"], sched=SCHEDULE)
         out = decoder.apply(
             {"params": p},
             x_t,
@@ -171,7 +171,7 @@ def peer(inputs: dict[str, np.ndarray]) -> tuple[Any, int]:
     )
     params = list(unet.parameters()) + list(text_proj.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
-    abar = torch.cos(torch.linspace(0, 1, 1000) * torch.pi / 2) ** 2
+    abar = torch.from_numpy(np.asarray(SCHEDULE.alphas_cumprod))
 
     def nchw(x: np.ndarray) -> Any:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

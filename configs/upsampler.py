@@ -85,6 +85,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.train_crop = 64
         c.data.update(dataset="image_text", resolution=256, train_size=0, test_size=0)
         c.samples.every = 10_000
+        c.mesh.update(data=1, fsdp=-1)  # shard params and optimizer state (FSDP)
         c.train.update(steps=1_000_000, batch_size=1024, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
     elif arg == "paper_1024":
@@ -103,9 +104,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.train_crop = 256
         c.data.update(dataset="image_text", resolution=1024, train_size=0, test_size=0)
         c.samples.every = 10_000
+        c.mesh.update(data=1, fsdp=-1)  # shard params and optimizer state (FSDP)
         c.diffusion.schedule = "linear"
         c.sampling.steps = "ddim15"
-        c.data.dataset = "image_text"
         c.train.update(steps=1_000_000, batch_size=512, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
     elif arg == "karlo":
@@ -126,6 +127,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.sampling.update(steps="7", method="ddpm")
         c.data.update(dataset="image_text", resolution=256, train_size=0, test_size=0)
         c.samples.every = 10_000
+        c.mesh.update(data=1, fsdp=-1)  # shard params and optimizer state (FSDP)
         c.train.update(steps=1_000_000, batch_size=1024, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
     return c

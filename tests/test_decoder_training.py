@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -22,8 +23,10 @@ from unclip_jax.models.builders import (
     upsampler_example_inputs,
     upsampler_from_config,
 )
+from unclip_jax.models.clip import OPENAI_VIT_L14, ClipConfig, TextConfig, VisionConfig
 from unclip_jax.models.unet import count_params
-from unclip_jax.sampling import upsampler_sampler
+from unclip_jax.sampling import decoder_sampler, upsampler_sampler
+from unclip_jax.training.decoder_stage import check_clip_fits
 from unclip_jax.training.loop import train_and_evaluate
 from unclip_jax.training.metrics import read_metrics
 from unclip_jax.training.stages import build_stage
@@ -31,6 +34,22 @@ from unclip_jax.training.state import TrainState
 from unclip_jax.training.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The paper's CLIP: ViT-H/16 image tower, 1024-d embeddings, a 77-token text tower.
+VIT_H_LIKE = ClipConfig(
+    text=TextConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
+    ),
+    vision=VisionConfig(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        patch_size=16,
+    ),
+    projection_dim=1024,
+)
 
 
 def config(stage: str, variant: str = "tiny", **overrides):
@@ -92,9 +111,27 @@ def test_paper_and_karlo_variants_have_their_published_sizes(stage, variant, exp
     assert count_params(params) == pytest.approx(expected, rel=rtol)
 
 
-def test_paper_decoder_shards_params_over_every_device():
-    c = config("decoder", "paper")
+@pytest.mark.parametrize(
+    "stage,variant",
+    [("decoder", "paper"), ("decoder", "karlo")]
+    + [("upsampler", v) for v in ("paper", "paper_1024", "karlo")],
+)
+def test_paper_scale_variants_shard_params_over_every_device(stage, variant):
+    c = config(stage, variant)
     assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
+
+
+@pytest.mark.parametrize(
+    "variant,clip_config",
+    [("karlo", OPENAI_VIT_L14), ("paper", VIT_H_LIKE)],
+)
+def test_paper_and_karlo_decoders_fit_the_clip_they_are_meant_for(variant, clip_config):
+    """Karlo's decoder reads CLIP ViT-L/14's text states; the paper's has its own caption
+    transformer (128 tokens of CLIP's BPE) and only needs the CLIP's embedding width."""
+    clip = SimpleNamespace(config=clip_config, tokenizer=SimpleNamespace(vocab_size=49408))
+    check_clip_fits(config("decoder", variant).model.to_dict(), clip, "clip")
+    with pytest.raises(ConfigError, match=r"'model\.clip_dim'"):
+        check_clip_fits(config("decoder", variant, **{"model.clip_dim": 512}).model, clip, "c")
 
 
 # --- the decoder stage --------------------------------------------------------------------------
@@ -127,7 +164,7 @@ def _stage_and_batch(c):
 
 
 @pytest.mark.parametrize("text_encoder", ["transformer", "clip"])
-def test_a_few_decoder_steps_on_shapes_lower_the_loss(clip_dir, data_dir, text_encoder):
+def test_a_few_decoder_steps_on_a_shapes_batch_lower_the_loss(clip_dir, data_dir, text_encoder):
     overrides = {"clip.dir": clip_dir, "data.data_dir": data_dir}
     if text_encoder == "clip":  # Karlo's way: the CLIP's own text states (width 32)
         overrides.update({"model.text_encoder": "clip", "model.text_width": 32})
@@ -154,6 +191,42 @@ def test_a_few_decoder_steps_on_shapes_lower_the_loss(clip_dir, data_dir, text_e
     after, after_metrics = probe(state.params, batch, key, frozen)
     assert float(after_metrics["mse"]) < 0.8 * float(metrics["mse"])
     assert float(after) < float(before)
+
+
+def test_decoder_guidance_scale_zero_is_the_unconditional_model():
+    """Scale 0 keeps only the half with z_i -> null and the caption dropped; scale 1 only the
+    conditional half; other scales mix them. (DDIM with eta 0 reads only the predicted noise:
+    the learned variance, taken from the conditional half as GLIDE does, plays no part.)"""
+    model = config("decoder").model.to_dict()
+    decoder = decoder_from_config(model)
+    inputs = decoder_example_inputs(model, batch=2)
+    params = nn.meta.unbox(
+        jax.jit(functools.partial(init_module, decoder, inputs))(jax.random.key(0))
+    )
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), params)
+    cond = {
+        "z_i": jnp.asarray(rng.standard_normal((2, 16)), jnp.float32),
+        "input_ids": jnp.asarray(rng.integers(0, 600, (2, 16)), jnp.int32),
+        "text_mask": jnp.ones((2, 16), bool),
+    }
+    other = {**cond, "z_i": -cond["z_i"], "input_ids": cond["input_ids"][::-1]}
+    diffusion = config("decoder").diffusion
+    key = jax.random.key(1)
+
+    def run(scale, c):
+        sampling = {
+            **config("decoder").sampling.to_dict(),
+            "method": "ddim",
+            "eta": 0.0,
+            "guidance_scale": scale,
+        }
+        sampler = decoder_sampler(decoder, diffusion, sampling, resolution=16)
+        return np.asarray(sampler(params, c, key))
+
+    np.testing.assert_allclose(run(0.0, cond), run(0.0, other), atol=1e-5)
+    assert np.abs(run(1.0, cond) - run(1.0, other)).max() > 1e-3
+    assert np.abs(run(3.0, cond) - run(1.0, cond)).max() > 1e-3
 
 
 def test_guidance_dropout_rates_come_from_the_config(clip_dir, data_dir):
@@ -215,8 +288,8 @@ def test_decoder_trains_through_the_loop_and_writes_sample_grids(decoder_run):
 
 
 def test_upsampler_config_errors_name_the_keys(data_dir):
-    with pytest.raises(ConfigError, match="'train_crop' is 12"):
-        build_stage(config("upsampler", train_crop=12, **{"data.data_dir": data_dir}))
+    with pytest.raises(ConfigError, match="'train_crop' is 10"):
+        build_stage(config("upsampler", train_crop=10, **{"data.data_dir": data_dir}))
     with pytest.raises(ConfigError, match=r"'model\.low_resolution'"):
         build_stage(config("upsampler", **{"model.low_resolution": 12}))
     with pytest.raises(ConfigError, match=r"'degradation\.kind'"):

@@ -111,16 +111,19 @@ def example_transform(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     with_caption: bool = False,
+    context_length: int | None = None,
 ) -> Any:
     """`transform(example, rng)` for `make_pipeline`: an {"image", "caption"} example ->
     {"input_ids", "attention_mask", "pixels"} tokenized and preprocessed as CLIP wants them,
     plus the "caption" and "key" strings when `with_caption` (not for batches that go to
-    devices)."""
+    devices). `context_length` tokenizes to another length than the CLIP's (e.g. for a
+    decoder's own caption transformer)."""
+    length = context_length or config.context_length
 
     def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         del rng
         caption = str(example["caption"])
-        ids, mask = tokenizer([caption], context_length=config.context_length)
+        ids, mask = tokenizer([caption], context_length=length)
         pixels = preprocess_images([example["image"]], config.vision.image_size, mean=mean, std=std)
         out = {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels[0]}
         if with_caption:

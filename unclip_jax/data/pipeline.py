@@ -16,6 +16,7 @@ import grain
 import jax
 import numpy as np
 
+from unclip_jax.data.degradations import PAPER_BLUR_KERNEL_SIZE, PAPER_BLUR_SIGMA, make_low_res
 from unclip_jax.data.images import to_float
 
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
@@ -189,8 +190,8 @@ def upsampler_views(
     scale: int,
     crop_fraction: float | None,
     kind: str,
-    blur_kernel_size: int = 3,
-    blur_sigma: float = 0.6,
+    blur_kernel_size: int = PAPER_BLUR_KERNEL_SIZE,
+    blur_sigma: float = PAPER_BLUR_SIGMA,
 ) -> Transform:
     """The upsamplers' view of an example: a random square crop of `crop_fraction` of the
     high-res side (None: the whole image; the paper trains on 1/4) and its low-res, degraded
@@ -201,8 +202,6 @@ def upsampler_views(
     degraded after, as latent diffusion does for BSR: the same region either way, and degrading
     1/16 of the pixels is what keeps the 256->1024 stage fed.
     """
-    from unclip_jax.data.degradations import make_low_res
-
     if crop_fraction is not None and not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
 
@@ -210,7 +209,7 @@ def upsampler_views(
         high = example["image"]
         if crop_fraction is not None:
             h, w = high.shape[:2]
-            crop = int(min(h, w) * crop_fraction) // scale * scale
+            crop = round(min(h, w) * crop_fraction) // scale * scale
             if crop < scale:
                 raise ValueError(
                     f"a {crop_fraction} crop of a {h}x{w} image is below the scale {scale}"

@@ -12,12 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.config import CHOICES
 from unclip_jax.models.clip import TextConfig, TextTransformer
 from unclip_jax.models.unet import Decoder, DecoderConditioning, UNet
 
 Array = jax.Array
 
-TEXT_ENCODERS = ("clip", "transformer")
+TEXT_ENCODERS = CHOICES["model.text_encoder"]
 
 
 def _unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,15 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.models.layers import dense, layer_norm, torch_default_init
+
 Array = jax.Array
 
 # Activation sharding of every NHWC feature map at block boundaries: batch only.
 IMAGE_AXES = ("batch", "activation_height", "activation_width", "activation_channels")
 TOKEN_AXES = ("batch", "activation_length", "activation_embed")
-
-# PyTorch's default Linear/Conv init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)),
-# i.e. variance 1 / (3 fan_in). Matching it keeps a from-scratch run comparable to diffusers'.
-_torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _pin_image(x: Array) -> Array:
@@ -59,7 +57,7 @@ def _conv(
     zero_init: bool = False,
 ) -> nn.Conv:
     """A 'same'-padded stride-1 convolution with logical axis names on kernel and bias."""
-    init = nn.initializers.zeros if zero_init else _torch_default
+    init = nn.initializers.zeros if zero_init else torch_default_init
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -69,25 +67,6 @@ def _conv(
             init, ("conv_height", "conv_width", "channels_in", "channels")
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("channels",)),
-        name=name,
-    )
-
-
-def _dense(
-    features: int,
-    axes: tuple[str, str],
-    *,
-    name: str,
-    dtype: Any,
-    zero_init: bool = False,
-) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.zeros if zero_init else _torch_default, axes
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
         name=name,
     )
 
@@ -175,7 +154,7 @@ class ResBlock(nn.Module):
         h = _conv(c, name="conv1", dtype=self.dtype)(h)
 
         width = 2 * c if self.scale_shift else c
-        temb = _dense(width, ("embed", "channels"), name="time_emb_proj", dtype=self.dtype)(
+        temb = dense(width, ("embed", "channels"), name="time_emb_proj", dtype=self.dtype)(
             nn.silu(emb)
         )[:, None, None, :]
         norm2 = _group_norm(self.num_groups, self.norm_eps, name="norm2", dtype=self.dtype)
@@ -230,7 +209,7 @@ class AttentionBlock(nn.Module):
         n = nn.with_logical_constraint(n.reshape(b, hh * ww, c), TOKEN_AXES)
 
         def proj(name: str, inp: Array) -> Array:
-            y = _dense(c, ("embed", "heads"), name=name, dtype=self.dtype)(inp)
+            y = dense(c, ("embed", "heads"), name=name, dtype=self.dtype)(inp)
             return y.reshape(*inp.shape[:-1], heads, d)
 
         q, k, v = proj("to_q", n), proj("to_k", n), proj("to_v", n)
@@ -246,7 +225,7 @@ class AttentionBlock(nn.Module):
             logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hh * ww, c)
-        out = _dense(c, ("heads", "embed"), name="to_out_0", dtype=self.dtype, zero_init=True)(out)
+        out = dense(c, ("heads", "embed"), name="to_out_0", dtype=self.dtype, zero_init=True)(out)
         return _pin_image(x + out.reshape(b, hh, ww, c).astype(x.dtype))
 
 
@@ -375,10 +354,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = _dense(self.features, ("embed", "mlp"), name="linear_1", dtype=self.dtype)(x)
-        return _dense(self.features, ("mlp", "embed"), name="linear_2", dtype=self.dtype)(
-            nn.silu(h)
-        )
+        h = dense(self.features, ("embed", "mlp"), name="linear_1", dtype=self.dtype)(x)
+        return dense(self.features, ("mlp", "embed"), name="linear_2", dtype=self.dtype)(nn.silu(h))
 
 
 class UNet(nn.Module):
@@ -543,24 +520,18 @@ class DecoderConditioning(nn.Module):
             text_mask = text_mask & ~drop_text[:, None]
             text_embeds = jnp.where(drop_text[:, None], 0, text_embeds)
 
-        def dense(features: int, name: str) -> nn.Dense:
-            return _dense(features, ("embed", "mlp"), name=name, dtype=dt)
+        def proj(features: int, name: str) -> nn.Dense:
+            return dense(features, ("embed", "mlp"), name=name, dtype=dt)
 
-        emb_add = dense(self.time_embed_dim, "clip_image_embeddings_project_to_time_embeddings")(
+        emb_add = proj(self.time_embed_dim, "clip_image_embeddings_project_to_time_embeddings")(
             z
-        ) + dense(self.time_embed_dim, "embedding_proj")(text_embeds)
+        ) + proj(self.time_embed_dim, "embedding_proj")(text_embeds)
 
         n = self.num_extra_tokens
-        tokens = dense(n * self.cross_dim, "clip_extra_context_tokens_proj")(z)
+        tokens = proj(n * self.cross_dim, "clip_extra_context_tokens_proj")(z)
         tokens = tokens.reshape(b, self.cross_dim, n).swapaxes(1, 2)
-        states = dense(self.cross_dim, "encoder_hidden_states_proj")(text_states.astype(dt))
-        states = nn.LayerNorm(
-            epsilon=1e-5,
-            dtype=dt,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-            name="text_encoder_hidden_states_norm",
-        )(states)
+        states = proj(self.cross_dim, "encoder_hidden_states_proj")(text_states.astype(dt))
+        states = layer_norm("text_encoder_hidden_states_norm", dt)(states)
         context = nn.with_logical_constraint(jnp.concatenate([tokens, states], axis=1), TOKEN_AXES)
         mask = jnp.concatenate([jnp.ones((b, n), dtype=bool), text_mask], axis=1)
         return emb_add, context, mask

@@ -26,12 +26,12 @@ from unclip_jax.clip import (
     example_transform,
     save_pretrained,
 )
-from unclip_jax.data.pipeline import dataset_spec, make_pipeline, open_dataset
+from unclip_jax.data.pipeline import dataset_spec, open_dataset
 from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
 from unclip_jax.models.clip import init_params as init_clip_params
 from unclip_jax.models.clip_tokenizer import ClipTokenizer
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
 
 log = logging.getLogger("unclip_jax.train")
 
@@ -153,23 +153,12 @@ def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = No
 
     transform = example_transform(tokenizer, clip_config)
 
-    def make_data(process_index: int, process_count: int) -> Any:
-        return make_pipeline(
-            train_source,
-            global_batch_size=config.train.batch_size,
-            seed=config.train.seed,
-            transform=transform,
-            process_index=process_index,
-            process_count=process_count,
-            worker_count=config.data.get("workers", 0),
-        )
-
     hooks = [_export_hook(config, tokenizer, clip_config)]
     if config.eval.every > 0:
         hooks.insert(0, _retrieval_hook(config, tokenizer, clip_config))
     return Stage(
         init_params=functools.partial(init_clip_params, model),
         loss_fn=loss_fn,
-        make_data=make_data,
+        make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
     )

@@ -11,6 +11,7 @@ model's guided samples on fixed test captions go to WORKDIR/samples and TensorBo
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,19 +22,21 @@ import ml_collections
 import numpy as np
 
 from unclip_jax import diffusion as D
-from unclip_jax.clip import PretrainedClip, load_pretrained, preprocess_images
+from unclip_jax.clip import PretrainedClip, example_transform, load_pretrained
 from unclip_jax.config import ConfigError
 from unclip_jax.data.images import resize, to_float
-from unclip_jax.data.pipeline import dataset_spec, make_pipeline, open_dataset
+from unclip_jax.data.pipeline import dataset_spec, open_dataset
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
 from unclip_jax.models.clip import CLIP
+from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import decoder_sampler
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import write_sample_grid
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
-from unclip_jax.training.step import COMPUTE_DTYPES
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
+from unclip_jax.training.step import COMPUTE_DTYPES, cast_floats
 
 Array = jax.Array
+log = logging.getLogger("unclip_jax.train")
 
 
 def load_conditioning_clip(config: ml_collections.ConfigDict) -> PretrainedClip:
@@ -58,13 +61,11 @@ def check_clip_fits(model: Mapping[str, Any], clip: PretrainedClip, path: str) -
     wanted = {"clip_dim": c.projection_dim}
     if model["text_encoder"] == "clip":
         wanted.update(text_width=c.text.hidden_size, text_tokens=c.context_length)
-    else:
-        wanted["text_tokens"] = min(model["text_tokens"], c.context_length)
-        if clip.tokenizer.vocab_size > model["vocab_size"]:
-            raise ConfigError(
-                f"config key 'model.vocab_size' is {model['vocab_size']}, but the tokenizer of "
-                f"{path} has {clip.tokenizer.vocab_size} tokens"
-            )
+    elif clip.tokenizer.vocab_size > model["vocab_size"]:
+        raise ConfigError(
+            f"config key 'model.vocab_size' is {model['vocab_size']}, but the tokenizer of "
+            f"{path} has {clip.tokenizer.vocab_size} tokens"
+        )
     for key, value in wanted.items():
         if model[key] != value:
             raise ConfigError(
@@ -73,22 +74,41 @@ def check_clip_fits(model: Mapping[str, Any], clip: PretrainedClip, path: str) -
             )
 
 
+def check_image_size(source: Any, clip_size: int, spec: str) -> None:
+    """Warns when the dataset's images are smaller than the CLIP's input: z_i would then be
+    the embedding of an upscaled image, not what a prior trained on real images predicts."""
+    h, w = source[0]["image"].shape[:2]
+    if min(h, w) < clip_size:
+        log.warning(
+            "the images of %s are %dx%d, smaller than the CLIP's %d px input: z_i will embed "
+            "upscaled images (build the dataset at >= %d px for real runs)",
+            spec,
+            h,
+            w,
+            clip_size,
+            clip_size,
+        )
+
+
 def decoder_transform(clip: PretrainedClip, resolution: int, text_tokens: int) -> Any:
     """`transform(example, rng)`: an {"image", "caption"} example -> the decoder's batch row:
     "image" float32 [-1, 1] at `resolution`, "clip_pixels" (the CLIP's preprocessing of the
     original image), "input_ids" and "text_mask" (the CLIP tokenizer, `text_tokens` long)."""
-    size = clip.config.vision.image_size
+    clip_inputs = example_transform(
+        clip.tokenizer,
+        clip.config,
+        mean=clip.image_mean,
+        std=clip.image_std,
+        context_length=text_tokens,
+    )
 
     def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        del rng
-        image = example["image"]
-        ids, mask = clip.tokenizer([str(example["caption"])], context_length=text_tokens)
-        pixels = preprocess_images([image], size, mean=clip.image_mean, std=clip.image_std)
+        row = clip_inputs(example, rng)
         return {
-            "image": to_float(resize(image, (resolution, resolution))),
-            "clip_pixels": pixels[0],
-            "input_ids": ids[0],
-            "text_mask": mask[0].astype(bool),
+            "image": to_float(resize(example["image"], (resolution, resolution))),
+            "clip_pixels": row["pixels"],
+            "input_ids": row["input_ids"],
+            "text_mask": row["attention_mask"].astype(bool),
         }
 
     return transform
@@ -119,9 +139,10 @@ def _sample_hook(
     config: ml_collections.ConfigDict,
     decoder: Any,
     encode: Any,
-    clip: PretrainedClip,
+    clip_params: Any,
     transform: Any,
 ) -> Hook:
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     spec, kwargs = dataset_spec(config.data)
     sampler = decoder_sampler(
         decoder, config.diffusion, config.sampling, resolution=config.model.resolution
@@ -134,11 +155,13 @@ def _sample_hook(
             examples = [test[i] for i in range(min(len(test), config.samples.num))]
             rows = [transform(e, None) for e in examples]
             batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            # On the host: the sampler's params live on the mesh, these get replicated.
-            cache["cond"] = jax.device_get(jax.jit(encode)(clip.params, batch))
+            # Encoded as in the step (frozen params in the compute dtype), then replicated on
+            # the mesh beside the sharded EMA params.
+            cond = jax.jit(encode)(cast_floats(clip_params, dtype), batch)
+            cache["cond"] = replicate(jax.device_get(cond), ctx.mesh)
             cache["captions"] = [str(e["caption"]) for e in examples]
         images = sampler(ctx.state.ema_params, cache["cond"], jax.random.key(config.train.seed))
-        write_sample_grid(ctx, "decoder", jax.device_get(images), cache["captions"])
+        write_sample_grid(ctx, "decoder", images, cache["captions"])
         return None
 
     return Hook("samples", config.samples.every, run)
@@ -149,6 +172,7 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     """The decoder with the hybrid loss, guidance dropout and CLIP conditioning."""
     del workdir
     clip = load_conditioning_clip(config)
+    clip_params = jax.device_get(clip.params)  # host copy: the loop replicates it on the mesh
     model_config = config.model.to_dict()
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     decoder = decoder_from_config(model_config, dtype=dtype, eos_token_id=clip.tokenizer.eos_id)
@@ -158,6 +182,7 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     guidance = config.guidance
     spec, kwargs = dataset_spec(config.data)
     train_source = open_dataset(spec, "train", **kwargs)
+    check_image_size(train_source, clip.config.vision.image_size, spec)
     transform = decoder_transform(clip, model_config["resolution"], model_config["text_tokens"])
 
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
@@ -184,24 +209,13 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
             apply, batch["image"], diffusion_key, sched=sched, diffusion=config.diffusion
         )
 
-    def make_data(process_index: int, process_count: int) -> Any:
-        return make_pipeline(
-            train_source,
-            global_batch_size=config.train.batch_size,
-            seed=config.train.seed,
-            transform=transform,
-            process_index=process_index,
-            process_count=process_count,
-            worker_count=config.data.workers,
-        )
-
     hooks = []
     if config.samples.every > 0:
-        hooks.append(_sample_hook(config, decoder, encode, clip, transform))
+        hooks.append(_sample_hook(config, decoder, encode, clip_params, transform))
     return Stage(
         init_params=functools.partial(init_module, decoder, decoder_example_inputs(model_config)),
         loss_fn=loss_fn,
-        make_data=make_data,
+        make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
-        frozen={"clip": clip.params},
+        frozen={"clip": clip_params},
     )

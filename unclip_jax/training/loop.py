@@ -54,7 +54,13 @@ from unclip_jax.training.state import (
     state_partition_specs,
     state_shardings,
 )
-from unclip_jax.training.step import GUARDED_METRICS, compile_train_step, make_train_step
+from unclip_jax.training.step import (
+    COMPUTE_DTYPES,
+    GUARDED_METRICS,
+    cast_floats,
+    compile_train_step,
+    make_train_step,
+)
 
 log = logging.getLogger("unclip_jax.train")
 
@@ -70,7 +76,7 @@ class CheckpointMismatchError(ValueError):
 # Config keys that must match for a checkpoint to be resumed (another value means another
 # model), and keys whose change is allowed on resume but breaks bitwise continuation.
 MUST_MATCH = ("stage", "model", "diffusion", "kind", "embedding")
-SHOULD_MATCH = ("train.batch_size", "train.seed", "train.steps", "optim")
+SHOULD_MATCH = ("train.batch_size", "train.seed", "train.steps", "optim", "clip")
 
 
 def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -283,7 +289,12 @@ def train_and_evaluate(
             batch_sharding(mesh),
             None if stage.frozen is None else replicated_sharding(mesh),
         )
-        frozen = () if stage.frozen is None else (replicate(stage.frozen, mesh),)
+        # Frozen inputs go to the devices once, already in the compute dtype (half the bytes in
+        # bfloat16; the step's own cast is then a no-op).
+        frozen = ()
+        if stage.frozen is not None:
+            dtype = COMPUTE_DTYPES[train.get("compute_dtype", "float32")]
+            frozen = (replicate(cast_floats(jax.device_get(stage.frozen), dtype), mesh),)
 
         # ---- log the start ----------------------------------------------------------------
         start = int(jax.device_get(state.step))

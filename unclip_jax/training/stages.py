@@ -82,6 +82,28 @@ STAGE_MODULES: tuple[str, ...] = (
 )
 
 
+def stage_pipeline(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    transform: Any,
+    process_index: int,
+    process_count: int,
+) -> DataIterator:
+    """A stage's `make_data`: this process's batches of `source` through `transform`, with the
+    config's global batch size, seed and `data.workers` (use with functools.partial)."""
+    from unclip_jax.data.pipeline import make_pipeline
+
+    return make_pipeline(
+        source,
+        global_batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        transform=transform,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=config.data.get("workers", 0),
+    )
+
+
 def register_stage(name: str) -> Callable[[StageBuilder], StageBuilder]:
     """Decorator: registers `builder(config) -> Stage` as the stage called `name`."""
 

@@ -11,6 +11,7 @@ TensorBoard as [bicubic | sample | original] rows.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -21,20 +22,23 @@ from unclip_jax import diffusion as D
 from unclip_jax.config import ConfigError
 from unclip_jax.data.degradations import make_low_res
 from unclip_jax.data.images import to_float
-from unclip_jax.data.pipeline import dataset_spec, make_pipeline, open_dataset, upsampler_views
+from unclip_jax.data.pipeline import dataset_spec, open_dataset, upsampler_views
 from unclip_jax.models.builders import init_module, upsampler_example_inputs, upsampler_from_config
 from unclip_jax.models.unet import upsampler_input
+from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import upsampler_sampler
 from unclip_jax.training.denoising import denoising_loss
-from unclip_jax.training.samples import write_sample_grid
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage
+from unclip_jax.training.samples import gather_to_host, write_sample_grid
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
 from unclip_jax.training.step import COMPUTE_DTYPES
 
 Array = jax.Array
 
 
 def upsampler_scale(config: ml_collections.ConfigDict) -> int:
-    """resolution / low_resolution, or a ConfigError naming the keys that do not divide."""
+    """resolution / low_resolution, after checking the config's sizes agree: a ConfigError
+    names a resolution that is not a multiple of the low one, a train_crop the scale and the
+    U-Net's down-sampling do not divide, or a data.resolution other than model.resolution."""
     model = config.model
     scale, rest = divmod(model.resolution, model.low_resolution)
     if rest or scale < 2:
@@ -44,12 +48,12 @@ def upsampler_scale(config: ml_collections.ConfigDict) -> int:
             "the low resolution"
         )
     levels = len(model.channel_mult)
-    if config.train_crop % (scale * 2 ** (levels - 1)) or config.train_crop > model.resolution:
+    multiple = math.lcm(scale, 2 ** (levels - 1))
+    if config.train_crop % multiple or config.train_crop > model.resolution:
         raise ConfigError(
             f"config key 'train_crop' is {config.train_crop}: it must be at most "
-            f"model.resolution ({model.resolution}) and a multiple of "
-            f"{scale * 2 ** (levels - 1)} (the scale {scale} times the U-Net's down-sampling "
-            f"2**{levels - 1})"
+            f"model.resolution ({model.resolution}) and a multiple of {multiple} (of the scale "
+            f"{scale}, and of the U-Net's down-sampling 2**{levels - 1})"
         )
     if config.data.get("resolution", model.resolution) != model.resolution:
         raise ConfigError(
@@ -71,10 +75,10 @@ def _sample_hook(config: ml_collections.ConfigDict, unet: Any, scale: int) -> Ho
             low = [make_low_res(h, scale=scale, kind="none") for h in high]
             cache["low"] = np.stack([to_float(x) for x in low])
             cache["high"] = np.stack([to_float(x) for x in high])
+            cache["low_on_mesh"] = replicate(cache["low"], ctx.mesh)
+        key = jax.random.key(config.train.seed)
+        images = gather_to_host(sampler(ctx.state.ema_params, cache["low_on_mesh"], key))
         low = cache["low"]
-        images = np.asarray(
-            jax.device_get(sampler(ctx.state.ema_params, low, jax.random.key(config.train.seed)))
-        )
         bicubic = np.asarray(jax.image.resize(low, images.shape, method="bicubic"), np.float32)
         rows = np.stack([bicubic, images, cache["high"]], axis=1).reshape(-1, *images.shape[1:])
         labels = ["bicubic", "sample", "original"] * len(images)
@@ -96,6 +100,12 @@ def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     spec, kwargs = dataset_spec(config.data)
     train_source = open_dataset(spec, "train", **kwargs)
+    size = train_source[0]["image"].shape[:2]
+    if min(size) < model_config["resolution"]:
+        raise ConfigError(
+            f"the images of {spec} are {size[0]}x{size[1]}, smaller than model.resolution "
+            f"{model_config['resolution']}: build the dataset at that resolution"
+        )
     transform = upsampler_views(
         scale=scale,
         crop_fraction=config.train_crop / model_config["resolution"],
@@ -110,9 +120,10 @@ def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None
         low = batch["low"]
 
         def apply(x_t: Array, t: Array) -> Array:
+            # Resized in float32 as at sampling, then cast to the compute dtype.
             return unet.apply(
                 {"params": params},
-                upsampler_input(x_t.astype(dtype), low.astype(dtype)),
+                upsampler_input(x_t, low).astype(dtype),
                 t,
                 deterministic=False,
                 rngs={"dropout": dropout_key},
@@ -122,23 +133,12 @@ def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None
             apply, batch["high"], diffusion_key, sched=sched, diffusion=config.diffusion
         )
 
-    def make_data(process_index: int, process_count: int) -> Any:
-        return make_pipeline(
-            train_source,
-            global_batch_size=config.train.batch_size,
-            seed=config.train.seed,
-            transform=transform,
-            process_index=process_index,
-            process_count=process_count,
-            worker_count=config.data.workers,
-        )
-
     hooks = []
     if config.samples.every > 0:
         hooks.append(_sample_hook(config, unet, scale))
     return Stage(
         init_params=functools.partial(init_module, unet, upsampler_example_inputs(model_config)),
         loss_fn=loss_fn,
-        make_data=make_data,
+        make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
     )
