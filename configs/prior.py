@@ -32,9 +32,12 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         width=256,
         layers=6,
         heads=4,
-        text_tokens=32,  # caption token states in the prefix
+        text_tokens=24,  # caption token states in the prefix: the CLIP's context length
         dropout=0.0,
     )
+    # The frozen CLIP whose text tower gives z_t and the caption's token states (its tokenizer
+    # reads the shards' captions): a Hugging Face CLIP directory or WORKDIR/clip of our own.
+    c.clip = dict(dir="")
     # How z_i is scaled before diffusion [open in the paper]: "constant" multiplies by
     # embed_scale (paper: 17.2), "sqrt_dim" by sqrt(clip_dim), "standardize" uses a
     # per-dimension mean/std computed on the training embeddings (Karlo's clip_mean/clip_std).
@@ -43,7 +46,13 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # The prior predicts the clean z_i directly (x0) with an MSE loss (paper, Section 2.2).
     c.diffusion = diffusion_block(schedule="cosine", prediction="x0", variance="fixed_small")
     c.sampling = sampling_block(steps="64", method="ddpm", guidance_scale=1.0, clip_x0=0.0)
-    c.data = dict(dataset="shapes", embeddings_dir="")
+    # Embedding shards (`unclip-jax embed`, clip-retrieval or LAION npy + metadata): z_i and the
+    # captions. The test shards feed the evaluation.
+    c.data = dict(embeddings_dir="", test_embeddings_dir="", workers=0)
+    # Every `every` steps (and at the end) on `num_examples` test captions: cosine of the
+    # sampled z_i with the true z_i, with z_t and with an unrelated caption's z_t, and top-1
+    # retrieval of the true image among the test images (0: never).
+    c.eval = dict(every=1_000, num_examples=512)
     c.train = train_block(steps=20_000, batch_size=256, checkpoint_every=1_000, log_every=50)
     c.mesh = mesh_block()
     c.optim = optim_block(
@@ -60,6 +69,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     if arg == "tiny":
         c.model.update(clip_dim=16, width=32, layers=2, heads=2, text_tokens=16)
         c.sampling.steps = "8"
+        c.eval.update(every=0, num_examples=16)
         c.train.update(steps=4, batch_size=8, checkpoint_every=2, log_every=1)
         c.ar.update(pca_components=8, num_buckets=16)
     elif arg == "paper":
@@ -68,7 +78,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.model.update(clip_dim=1024, width=2048, layers=24, heads=32, text_tokens=77)
         c.embedding.normalization = "constant"
         c.sampling.steps = "64"
-        c.data.dataset = "image_text"
+        c.eval.every = 10_000
+        c.mesh.update(data=1, fsdp=-1)  # 1B params + Adam: shard them (FSDP)
         c.train.update(steps=600_000, batch_size=4096, checkpoint_every=5_000, log_every=100)
         c.optim.update(
             lr=1.1e-4, warmup_steps=10_000, weight_decay=6.0e-2, b2=0.96, eps=1e-6, ema_decay=0.9999
@@ -79,7 +90,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.kind = "autoregressive"
         c.model.update(clip_dim=1024, width=1664, layers=24, heads=26, text_tokens=77)
         c.ar.update(pca_components=319, num_buckets=1024)
-        c.data.dataset = "image_text"
+        c.eval.every = 10_000
+        c.mesh.update(data=1, fsdp=-1)  # 1B params + Adam: shard them (FSDP)
         c.train.update(steps=1_000_000, batch_size=4096, checkpoint_every=5_000, log_every=100)
         c.optim.update(
             lr=1.6e-4, warmup_steps=10_000, weight_decay=4.0e-2, b2=0.91, eps=1e-10, ema_decay=0.999
@@ -92,7 +104,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.model.update(clip_dim=768, width=2048, layers=20, heads=32, text_tokens=77)
         c.embedding.normalization = "standardize"
         c.sampling.update(steps="25", guidance_scale=4.0, clip_x0=5.0)
-        c.data.dataset = "image_text"
+        c.eval.every = 10_000
+        c.mesh.update(data=1, fsdp=-1)  # 1B params + Adam: shard them (FSDP)
         c.train.update(steps=1_000_000, batch_size=4096, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.1e-4, warmup_steps=10_000)
     return c

@@ -1,4 +1,5 @@
-"""One stage's sampler from its config: the decoder (guided) and the upsamplers.
+"""One stage's sampler from its config: the diffusion prior (best of K), the decoder
+(guided) and the upsamplers.
 
 Each `*_sampler` returns a jitted pure function of (params, inputs, key) -> images in [-1, 1],
 compiled once per input shape, so a training hook and a sampling job run the same code.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax import diffusion as D
+from unclip_jax.models.prior import DiffusionPrior
 from unclip_jax.models.unet import Decoder, UNet, upsampler_input
 
 Array = jax.Array
@@ -131,5 +133,73 @@ def upsampler_sampler(
             return out.astype(jnp.float32)
 
         return _sample(model_fn, x_T, loop_key, diffusion, sampling)
+
+    return fn
+
+
+def best_of_candidates(candidates: Array, z_t: Array) -> Array:
+    """candidates (B, K, D), z_t (B, D) -> (B, D): per row the candidate with the largest dot
+    product with z_t (the paper's best-of-K for the diffusion prior)."""
+    scores = jnp.einsum("bkd,bd->bk", candidates, z_t.astype(candidates.dtype))
+    best = jnp.argmax(scores, axis=1)
+    return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0]
+
+
+def prior_sampler(
+    prior: DiffusionPrior,
+    diffusion: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+    *,
+    decode: Callable[[Array], Array],
+    num_candidates: int = 1,
+) -> Callable[[Any, Mapping[str, Array], Array], Array]:
+    """`fn(params, cond, key) -> z_i (B, D)`: the diffusion prior's samples, best of K.
+
+    `cond` holds `z_t` (B, D), `text_states` (B, L, W) and `text_mask` (B, L). Each caption
+    gets `num_candidates` samples (guided with `sampling.guidance_scale`, the unconditional half
+    with the text dropped), `decode` maps them from the diffusion space back to CLIP's (see
+    `models.prior.denormalize_embedding`), and the one with the largest dot product with z_t
+    is kept.
+    """
+    scale = float(sampling["guidance_scale"])
+    k = int(num_candidates)
+    if k < 1:
+        raise ValueError(f"num_candidates must be at least 1, got {k}")
+
+    def model_fn(params: Any, x: Array, t: Array, c: Mapping[str, Array]) -> Array:
+        c = dict(c)
+        drop_text = c.pop("drop_text", None)
+        return prior.apply(
+            {"params": params},
+            x,
+            t,
+            c["z_t"],
+            c["text_states"],
+            c["text_mask"],
+            drop_text=drop_text,
+        ).astype(jnp.float32)
+
+    @jax.jit
+    def fn(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        b = cond["z_t"].shape[0]
+        repeated = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), dict(cond))
+        noise_key, loop_key = jax.random.split(key)
+        x_T = jax.random.normal(noise_key, (b * k, prior.clip_dim))
+        if scale == 1.0:
+            x0 = _sample(
+                lambda x, t: model_fn(params, x, t, repeated), x_T, loop_key, diffusion, sampling
+            )
+        else:
+            n = b * k
+            guided = D.guided_model_fn(
+                lambda x, t, c: model_fn(params, x, t, c),
+                cond={**repeated, "drop_text": jnp.zeros((n,), bool)},
+                uncond={**repeated, "drop_text": jnp.ones((n,), bool)},
+                scale=scale,
+                variance=diffusion["variance"],
+            )
+            x0 = _sample(guided, x_T, loop_key, diffusion, sampling)
+        candidates = decode(x0).reshape(b, k, -1)
+        return best_of_candidates(candidates, cond["z_t"])
 
     return fn

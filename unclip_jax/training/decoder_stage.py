@@ -39,8 +39,9 @@ Array = jax.Array
 log = logging.getLogger("unclip_jax.train")
 
 
-def load_conditioning_clip(config: ml_collections.ConfigDict) -> PretrainedClip:
-    """The frozen CLIP of `clip.dir`, checked against the model config's sizes."""
+def load_frozen_clip(config: ml_collections.ConfigDict) -> PretrainedClip:
+    """The frozen CLIP of a stage config's `clip.dir` (the decoder's and the prior's
+    conditioning), or an error naming the key or the path."""
     path = config.clip.dir
     if not path:
         raise ConfigError(
@@ -50,9 +51,7 @@ def load_conditioning_clip(config: ml_collections.ConfigDict) -> PretrainedClip:
         )
     if not os.path.isdir(path):
         raise FileNotFoundError(f"clip.dir {path!r} is not a directory")
-    clip = load_pretrained(path)
-    check_clip_fits(config.model, clip, path)
-    return clip
+    return load_pretrained(path)
 
 
 def check_clip_fits(model: Mapping[str, Any], clip: PretrainedClip, path: str) -> None:
@@ -171,7 +170,8 @@ def _sample_hook(
 def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """The decoder with the hybrid loss, guidance dropout and CLIP conditioning."""
     del workdir
-    clip = load_conditioning_clip(config)
+    clip = load_frozen_clip(config)
+    check_clip_fits(config.model, clip, config.clip.dir)
     clip_params = jax.device_get(clip.params)  # host copy: the loop replicates it on the mesh
     model_config = config.model.to_dict()
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]

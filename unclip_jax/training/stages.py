@@ -78,6 +78,7 @@ _REGISTRY: dict[str, StageBuilder] = {}
 STAGE_MODULES: tuple[str, ...] = (
     "unclip_jax.training.clip_stage",
     "unclip_jax.training.decoder_stage",
+    "unclip_jax.training.prior_stage",
     "unclip_jax.training.upsampler_stage",
 )
 

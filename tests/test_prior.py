@@ -1,0 +1,251 @@
+"""The diffusion prior: its causal transformer, scaling, sampling, and the `prior` stage."""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from clip_fixture import write_random_clip
+
+from unclip_jax import diffusion as D
+from unclip_jax.config import ConfigError, load_config
+from unclip_jax.data.embeddings import EmbeddingShardError, write_embedding_shard
+from unclip_jax.embed_job import embed_dataset
+from unclip_jax.models.prior import (
+    DiffusionPrior,
+    TransformerBlock,
+    causal_bias,
+    denormalize_embedding,
+    fit_embedding_stats,
+    normalize_embedding,
+)
+from unclip_jax.sampling import best_of_candidates, prior_sampler
+from unclip_jax.training.loop import train_and_evaluate
+from unclip_jax.training.metrics import read_metrics
+from unclip_jax.training.stages import build_stage
+from unclip_jax.training.state import TrainState
+from unclip_jax.training.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = dict(train_size=64, test_size=54)
+
+
+def config(variant: str = "tiny", **overrides):
+    return load_config(f"{ROOT}/configs/prior.py:{variant}", overrides)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """(clip dir, train shards, test shards): the tiny random CLIP's embeddings of shapes."""
+    clip_dir = write_random_clip(str(tmp_path_factory.mktemp("clip")))
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    out = {}
+    for split in ("train", "test"):
+        out[split] = str(tmp_path_factory.mktemp(f"emb_{split}"))
+        embed_dataset(
+            clip_dir,
+            "shapes:32",
+            out[split],
+            split=split,
+            batch_size=16,
+            data_dir=data_dir,
+            **SIZES,
+        )
+    return clip_dir, out["train"], out["test"]
+
+
+def stage_config(shards, **overrides):
+    clip_dir, train, test = shards
+    return config(
+        **{
+            "clip.dir": clip_dir,
+            "data.embeddings_dir": train,
+            "data.test_embeddings_dir": test,
+            **overrides,
+        }
+    )
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def test_the_transformer_is_causal():
+    """The state at position k does not change when any later token changes."""
+    t, w = 7, 16
+    block = TransformerBlock(heads=2)
+    x = jax.random.normal(jax.random.key(0), (1, t, w))
+    bias = causal_bias(jnp.ones((1, t), bool))
+    params = block.init(jax.random.key(1), x, bias, deterministic=True)
+    run = jax.jit(lambda x: block.apply(params, x, bias, deterministic=True))
+    out = run(x)
+    for k in range(t - 1):
+        changed = x.at[:, k + 1 :].add(3.0)
+        np.testing.assert_allclose(run(changed)[:, : k + 1], out[:, : k + 1], atol=1e-5)
+        assert float(jnp.abs(run(changed)[:, k + 1 :] - out[:, k + 1 :]).max()) > 1e-3
+
+
+def test_padded_caption_tokens_and_dropped_text_are_ignored():
+    prior = DiffusionPrior(clip_dim=8, width=16, layers=2, heads=2, text_tokens=5)
+    rng = np.random.default_rng(0)
+    args = [
+        jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
+        jnp.array([10.0, 900.0]),
+        jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32),
+        jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool),
+    ]
+    params = prior.init(jax.random.key(0), *args)["params"]
+    apply = jax.jit(lambda *a, drop=None: prior.apply({"params": params}, *a, drop_text=drop))
+    out = apply(*args)
+    states = args[3].at[0, 3:].add(5.0)  # only row 0's padded tokens move
+    np.testing.assert_allclose(apply(*args[:3], states, args[4])[0], out[0], atol=1e-5)
+    drop = jnp.array([True, False])
+    other = [args[0], args[1], -args[2], args[3] + 1.0, args[4]]
+    np.testing.assert_allclose(apply(*args, drop=drop)[0], apply(*other, drop=drop)[0], atol=1e-5)
+    assert float(jnp.abs(apply(*args, drop=drop)[1] - apply(*other, drop=drop)[1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["constant", "sqrt_dim", "standardize"])
+def test_embedding_scaling_round_trips(method):
+    z = np.random.default_rng(1).standard_normal((100, 16)).astype(np.float32) * 3 + 1
+    stats = fit_embedding_stats(z)
+    x = normalize_embedding(z, method=method, scale=17.2, stats=stats)
+    if method == "standardize":
+        np.testing.assert_allclose(np.asarray(x).mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(x).std(0), 1, atol=1e-4)
+        back = denormalize_embedding(x, method=method, stats=stats)
+        np.testing.assert_allclose(back, z, rtol=1e-5, atol=1e-5)
+    else:
+        norm = 17.2 if method == "constant" else 4.0  # sqrt(16)
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), norm, rtol=1e-5)
+        back = denormalize_embedding(x, method=method)
+        unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+        np.testing.assert_allclose(back, unit, atol=1e-6)
+
+
+def test_best_of_k_picks_the_largest_dot_product():
+    rng = np.random.default_rng(2)
+    candidates = jnp.asarray(rng.standard_normal((4, 3, 8)), jnp.float32)
+    z_t = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    best = np.asarray(best_of_candidates(candidates, z_t))
+    for b in range(4):
+        dots = [float(candidates[b, k] @ z_t[b]) for k in range(3)]
+        np.testing.assert_array_equal(best[b], candidates[b, int(np.argmax(dots))])
+
+
+def test_guidance_scale_one_is_the_conditional_model():
+    prior = DiffusionPrior(clip_dim=8, width=16, layers=1, heads=2, text_tokens=4)
+    rng = np.random.default_rng(3)
+    cond = {
+        "z_t": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
+        "text_states": jnp.asarray(rng.standard_normal((2, 4, 12)), jnp.float32),
+        "text_mask": jnp.ones((2, 4), bool),
+    }
+    params = prior.init(
+        jax.random.key(0),
+        jnp.zeros((2, 8)),
+        jnp.zeros((2,)),
+        cond["z_t"],
+        cond["text_states"],
+        cond["text_mask"],
+    )["params"]
+    params = jax.tree.map(lambda x: x + 0.1, params)
+    c = config()
+    diffusion = c.diffusion.to_dict()
+    key = jax.random.key(5)
+
+    def sampler(scale):
+        sampling = {**c.sampling.to_dict(), "guidance_scale": scale}
+        return prior_sampler(prior, diffusion, sampling, decode=lambda x: x)
+
+    # The conditional model alone, run by hand with the sampler's own noise.
+    noise_key, loop_key = jax.random.split(key)
+    by_hand = D.sample(
+        model_fn=lambda x, t: prior.apply(
+            {"params": params}, x, t, cond["z_t"], cond["text_states"], cond["text_mask"]
+        ),
+        sched=D.make_schedule("cosine", 1000, c.sampling.steps),
+        x_T=jax.random.normal(noise_key, (2, 8)),
+        key=loop_key,
+        method=c.sampling.method,
+        prediction="x0",
+        variance="fixed_small",
+    )
+    np.testing.assert_allclose(sampler(1.0)(params, cond, key), by_hand, atol=1e-5)
+    assert float(jnp.abs(sampler(3.0)(params, cond, key) - by_hand).max()) > 1e-3
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def test_a_shard_of_the_wrong_dimension_is_named(shards, tmp_path):
+    write_embedding_shard(
+        str(tmp_path),
+        0,
+        img_emb=np.zeros((3, 24), np.float32),
+        text_emb=np.zeros((3, 24), np.float32),
+        keys=["a", "b", "c"],
+        captions=["x", "y", "z"],
+    )
+    with pytest.raises(EmbeddingShardError, match=r"img_emb_0000\.npy: embedding dimension 24"):
+        build_stage(stage_config(shards, **{"data.embeddings_dir": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=r"'model\.clip_dim' is 32, but the CLIP"):
+        build_stage(stage_config(shards, **{"model.clip_dim": 32}))
+    with pytest.raises(ConfigError, match=r"'data\.embeddings_dir' is empty"):
+        build_stage(stage_config(shards, **{"data.embeddings_dir": ""}))
+    with pytest.raises(ConfigError, match="'kind' is 'autoregressive'"):
+        build_stage(stage_config(shards, kind="autoregressive"))
+
+
+@pytest.mark.parametrize("normalization", ["sqrt_dim", "standardize"])
+def test_a_few_prior_steps_lower_the_loss(shards, normalization, tmp_path):
+    c = stage_config(shards, **{"embedding.normalization": normalization})
+    stage = build_stage(c, str(tmp_path))
+    if normalization == "standardize":  # fitted on the shards and kept with the run
+        assert os.path.exists(tmp_path / "prior_embedding.safetensors")
+    batch = jax.tree.map(jnp.asarray, next(stage.make_data(0, 1)))
+    params = nn.meta.unbox(jax.jit(stage.init_params)(jax.random.key(0)))
+    tx = optax.adam(3e-3)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(1)),
+    )
+    step = jax.jit(make_train_step(stage.loss_fn, tx, ema_decay=0.0))
+    probe = jax.jit(stage.loss_fn)
+    key = jax.random.key(7)
+    before, _ = probe(params, batch, key, stage.frozen)
+    for _ in range(15):
+        state, _ = step(state, batch, stage.frozen)
+    after, _ = probe(state.params, batch, key, stage.frozen)
+    assert float(after) < 0.7 * float(before)
+
+
+def test_the_prior_trains_through_the_loop_and_logs_its_evaluation(shards, tmp_path):
+    c = stage_config(shards, **{"eval.every": 2})
+    train_and_evaluate(c, str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    evals = [r for r in records if "eval/cos_true" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert -1 <= r["eval/cos_true"] <= 1 and -1 <= r["eval/cos_text"] <= 1
+        assert -1 <= r["eval/cos_unrelated"] <= 1 and 0 <= r["eval/top1"] <= 1
+
+
+def test_prior_scores_of_perfect_samples():
+    from unclip_jax.training.prior_stage import prior_scores
+
+    rng = np.random.default_rng(4)
+    z_i, z_t = rng.standard_normal((6, 8)), rng.standard_normal((6, 8))
+    perfect = prior_scores(3.0 * z_i, z_i, z_t)  # the scale does not matter: cosines
+    assert perfect["cos_true"] == pytest.approx(1.0) and perfect["top1"] == 1.0
+    shuffled = prior_scores(np.roll(z_i, 1, axis=0), z_i, z_t)
+    assert shuffled["top1"] == 0.0 and shuffled["cos_true"] < 0.9

@@ -1,0 +1,248 @@
+"""The diffusion prior P(z_i | y): a causal transformer that predicts the clean image embedding.
+
+Sequence (unCLIP Section 2.2; diffusers' `PriorTransformer`, Karlo's layout):
+
+    [caption token states (L) ; z_t ; timestep embedding ; noised z_i ; learned query]
+
+each projected to `width`, plus a learned positional embedding, through `layers` pre-LN
+transformer blocks with a causal mask (position k attends to positions <= k) and the caption's
+padding masked out; the final LayerNorm'd state of the query token is projected to the
+predicted clean z_i (the x0 parameterisation, trained with an MSE).
+
+Param names follow diffusers' `PriorTransformer` (time_embedding.linear_1, proj_in,
+embedding_proj, encoder_hidden_states_proj, positional_embedding, prd_embedding,
+transformer_blocks_N/{norm1, attn1/{to_q, to_k, to_v, to_out_0}, norm3, ff/{net_0_proj, net_2}},
+norm_out, proj_to_clip_embeddings), so Karlo's prior imports by renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.models.layers import dense, layer_norm
+from unclip_jax.models.unet import TimestepEmbedding, timestep_embedding
+
+Array = jax.Array
+
+TOKEN_AXES = ("batch", "activation_length", "activation_embed")
+# Extra tokens after the caption: z_t, the timestep, the noised z_i and the query.
+NUM_EXTRA_TOKENS = 4
+
+# The learned query and positions (diffusers initialises them to zeros, for loading weights).
+_small_normal = nn.initializers.normal(0.02)
+
+
+def causal_bias(valid: Array) -> Array:
+    """Additive attention bias (B, 1, T, T), float32: 0 where query q may attend key k
+    (k <= q and key k valid), the float32 minimum elsewhere. `valid` (B, T) marks valid keys."""
+    t = valid.shape[1]
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None, None] & valid[:, None, None, :]
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an additive bias (diffusers' `Attention` names)."""
+
+    heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array) -> Array:
+        """x (B, T, W), bias (B, 1, T, T) -> (B, T, W)."""
+        b, t, w = x.shape
+        d = w // self.heads
+
+        def proj(name: str) -> Array:
+            y = dense(w, ("embed", "heads"), name=name, dtype=self.dtype)(x)
+            return y.reshape(b, t, self.heads, d)
+
+        q, k, v = proj("to_q"), proj("to_k"), proj("to_v")
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
+        weights = jax.nn.softmax(logits + bias, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, w)
+        return dense(w, ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out)
+
+
+class FeedForward(nn.Module):
+    """Dense(4W), exact GELU, dropout, Dense(W) (diffusers' `FeedForward`, activation "gelu")."""
+
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        w = x.shape[-1]
+        h = nn.gelu(
+            dense(4 * w, ("embed", "mlp"), name="net_0_proj", dtype=self.dtype)(x),
+            approximate=False,
+        )
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return dense(w, ("mlp", "embed"), name="net_2", dtype=self.dtype)(h)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attn1(norm1(x)), then + ff(norm3(x)) (diffusers'
+    `BasicTransformerBlock` without cross-attention)."""
+
+    heads: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array, *, deterministic: bool) -> Array:
+        x = nn.with_logical_constraint(x, TOKEN_AXES)
+        h = SelfAttention(self.heads, self.dtype, name="attn1")(
+            layer_norm("norm1", self.dtype)(x), bias
+        )
+        x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = FeedForward(self.dropout, self.dtype, name="ff")(
+            layer_norm("norm3", self.dtype)(x), deterministic=deterministic
+        )
+        return x + h
+
+
+class DiffusionPrior(nn.Module):
+    """The diffusion prior's network: (noised z_i, t, z_t, caption states) -> predicted z_i.
+
+    `clip_dim` is the width of z_i and z_t; `width` = heads x head dim; `text_tokens` the
+    caption length the positional embedding covers. Dropping the text (`drop_text`, for
+    guidance) masks every caption token out and zeroes z_t, so the model sees only the
+    timestep, the noised z_i and the query.
+    """
+
+    clip_dim: int
+    width: int
+    layers: int
+    heads: int
+    text_tokens: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x_t: Array,
+        t: Array,
+        z_t: Array,
+        text_states: Array,
+        text_mask: Array,
+        *,
+        drop_text: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """x_t (B, D), t (B,), z_t (B, D), text_states (B, L, Wt), text_mask (B, L) -> (B, D)."""
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        b, length = text_mask.shape
+        if length != self.text_tokens:
+            raise ValueError(f"expected {self.text_tokens} caption tokens, got {length}")
+        dt, w = self.dtype, self.width
+        text_mask = text_mask.astype(bool)
+        z_t = z_t.astype(dt)
+        if drop_text is not None:
+            drop_text = drop_text.astype(bool)
+            text_mask = text_mask & ~drop_text[:, None]
+            z_t = jnp.where(drop_text[:, None], 0, z_t)
+
+        temb = TimestepEmbedding(w, dtype=dt, name="time_embedding")(
+            timestep_embedding(t, w).astype(dt)
+        )
+        tokens = jnp.concatenate(
+            [
+                dense(w, ("embed", "mlp"), name="encoder_hidden_states_proj", dtype=dt)(
+                    text_states.astype(dt)
+                ),
+                dense(w, ("embed", "mlp"), name="embedding_proj", dtype=dt)(z_t)[:, None],
+                temb[:, None],
+                dense(w, ("embed", "mlp"), name="proj_in", dtype=dt)(x_t.astype(dt))[:, None],
+                jnp.broadcast_to(
+                    self.param(
+                        "prd_embedding",
+                        nn.with_logical_partitioning(_small_normal, (None, None, "embed")),
+                        (1, 1, w),
+                    ).astype(dt),
+                    (b, 1, w),
+                ),
+            ],
+            axis=1,
+        )
+        position = self.param(
+            "positional_embedding",
+            nn.with_logical_partitioning(_small_normal, (None, None, "embed")),
+            (1, self.text_tokens + NUM_EXTRA_TOKENS, w),
+        )
+        h = tokens + position.astype(dt)
+        valid = jnp.concatenate([text_mask, jnp.ones((b, NUM_EXTRA_TOKENS), bool)], axis=1)
+        bias = causal_bias(valid)
+        for i in range(self.layers):
+            h = TransformerBlock(self.heads, self.dropout, dt, name=f"transformer_blocks_{i}")(
+                h, bias, deterministic=deterministic
+            )
+        h = layer_norm("norm_out", dt)(h[:, -1])
+        return dense(self.clip_dim, ("mlp", "embed"), name="proj_to_clip_embeddings", dtype=dt)(h)
+
+
+# ---- how z_i is scaled for diffusion ------------------------------------------------------------
+
+NORMALIZATIONS = ("constant", "sqrt_dim", "standardize")
+
+
+def fit_embedding_stats(embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-dimension mean and std of training image embeddings (N, D), float32 (Karlo's
+    clip_mean / clip_std); a constant dimension gets std 1 so it maps to 0, not to inf."""
+    x = np.asarray(embeddings, np.float64)
+    if x.ndim != 2 or not len(x):
+        raise ValueError(f"expected a non-empty (N, D) array of embeddings, got {x.shape}")
+    std = x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return {"clip_mean": x.mean(axis=0).astype(np.float32), "clip_std": std.astype(np.float32)}
+
+
+def normalize_embedding(
+    z: Array,
+    *,
+    method: str,
+    scale: float = 17.2,
+    stats: dict[str, Any] | None = None,
+) -> Array:
+    """z_i (.., D) -> the prior's diffusion space.
+
+    "constant": z / ||z|| * scale (the paper's 17.2); "sqrt_dim": z / ||z|| * sqrt(D), so each
+    coordinate has about unit variance; "standardize": (z - mean) / std with `stats` from
+    `fit_embedding_stats` (Karlo). The first two keep only z's direction (CLIP embeddings are
+    compared by cosine); "standardize" keeps its norm.
+    """
+    z = jnp.asarray(z, jnp.float32)
+    if method == "standardize":
+        if stats is None:
+            raise ValueError('normalization "standardize" needs the fitted clip_mean/clip_std')
+        return (z - stats["clip_mean"]) / stats["clip_std"]
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; valid: {', '.join(NORMALIZATIONS)}")
+    factor = scale if method == "constant" else math.sqrt(z.shape[-1])
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-12) * factor
+
+
+def denormalize_embedding(
+    x: Array,
+    *,
+    method: str,
+    scale: float = 17.2,
+    stats: dict[str, Any] | None = None,
+) -> Array:
+    """The inverse of `normalize_embedding` (up to the norm, for the direction-only methods:
+    the result then has unit norm)."""
+    x = jnp.asarray(x, jnp.float32)
+    if method == "standardize":
+        if stats is None:
+            raise ValueError('normalization "standardize" needs the fitted clip_mean/clip_std')
+        return x * stats["clip_std"] + stats["clip_mean"]
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; valid: {', '.join(NORMALIZATIONS)}")
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)

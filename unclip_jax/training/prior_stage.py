@@ -1,0 +1,274 @@
+"""The `prior` stage: P(z_i | y), trained on CLIP embedding shards.
+
+Each example is a row of `data.embeddings_dir` (`unclip-jax embed`, clip-retrieval or LAION
+npy shards): the image embedding z_i and the caption. The caption is tokenized with the frozen
+CLIP of `clip.dir`, whose text tower gives z_t and the caption's token states inside the step.
+`kind` "diffusion" trains the diffusion prior (x0 prediction, MSE, z_i scaled by
+`embedding.normalization`, the text dropped `guidance.cond_drop_prob` of the time). The
+per-dimension statistics of "standardize" are fitted on the training shards at the first start
+and kept in WORKDIR/prior_embedding.safetensors, so a resumed run (and sampling) uses the same.
+
+Every `eval.every` steps the EMA prior samples z_i for test captions (best of
+`guidance.num_candidates` by the dot product with z_t) and logs the cosine with the true z_i,
+with z_t and with an unrelated caption's z_t, and the top-1 retrieval of the true image among
+the test images by the sampled z_i.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from unclip_jax import diffusion as D
+from unclip_jax.clip import PretrainedClip
+from unclip_jax.config import ConfigError
+from unclip_jax.data.embeddings import EmbeddingShards
+from unclip_jax.models.clip import CLIP
+from unclip_jax.models.prior import (
+    DiffusionPrior,
+    denormalize_embedding,
+    fit_embedding_stats,
+    normalize_embedding,
+)
+from unclip_jax.parallel import replicate
+from unclip_jax.sampling.stages import prior_sampler
+from unclip_jax.training.decoder_stage import load_frozen_clip
+from unclip_jax.training.denoising import denoising_loss
+from unclip_jax.training.samples import gather_to_host
+from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
+from unclip_jax.training.step import COMPUTE_DTYPES, cast_floats
+
+Array = jax.Array
+log = logging.getLogger("unclip_jax.train")
+
+STATS_FILE = "prior_embedding.safetensors"
+# Rows the standardisation statistics are fitted on (a random subset of larger sets).
+STATS_ROWS = 200_000
+
+
+def check_prior_fits_clip(model: Mapping[str, Any], clip: PretrainedClip, path: str) -> None:
+    """ConfigError naming the first model key that disagrees with the CLIP at `path`."""
+    wanted = {"clip_dim": clip.config.projection_dim, "text_tokens": clip.config.context_length}
+    for key, value in wanted.items():
+        if model[key] != value:
+            raise ConfigError(
+                f"config key 'model.{key}' is {model[key]!r}, but the CLIP at {path} needs "
+                f"{value!r}"
+            )
+
+
+def open_shards(directory: str, key: str, dim: int) -> EmbeddingShards:
+    """The embedding shards of config key `key`, whose embeddings must be `dim` wide."""
+    if not directory:
+        raise ConfigError(
+            f"config key {key!r} is empty: set it to a folder of embedding shards "
+            "(`unclip-jax embed --clip CLIP --data DATA --out DIR`, or clip-retrieval's output)"
+        )
+    return EmbeddingShards(directory, expected_dim=dim)
+
+
+def embedding_stats(
+    config: ml_collections.ConfigDict, shards: EmbeddingShards, workdir: str | None
+) -> dict[str, np.ndarray] | None:
+    """The run's clip_mean/clip_std ("standardize"): read back from WORKDIR, or fitted on the
+    training shards and saved there at the first start; None for the other normalizations."""
+    if config.embedding.normalization != "standardize":
+        return None
+    path = os.path.join(workdir, STATS_FILE) if workdir else None
+    if path and os.path.exists(path):
+        return load_file(path)
+    rows = len(shards)
+    if rows > STATS_ROWS:
+        index = np.sort(np.random.default_rng(0).choice(rows, STATS_ROWS, replace=False))
+        embeddings = np.stack([shards[int(i)]["img_emb"] for i in index])
+    else:
+        embeddings = shards.all_img_emb()
+    stats = fit_embedding_stats(embeddings)
+    if path and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        save_file(stats, path)
+    return stats
+
+
+def prior_transform(clip: PretrainedClip) -> Any:
+    """`transform(row, rng)`: an embedding-shard row -> {"z_i", "input_ids", "text_mask"}."""
+    length = clip.config.context_length
+
+    def transform(row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        del rng
+        ids, mask = clip.tokenizer([str(row["caption"])], context_length=length)
+        return {
+            "z_i": np.asarray(row["img_emb"], np.float32),
+            "input_ids": ids[0],
+            "text_mask": mask[0].astype(bool),
+        }
+
+    return transform
+
+
+def _text_conditioning(clip_model: CLIP) -> Any:
+    def encode(clip_params: Any, input_ids: Array, text_mask: Array) -> dict[str, Array]:
+        z_t, states = clip_model.apply(
+            {"params": clip_params},
+            input_ids,
+            text_mask.astype(jnp.int32),
+            method="encode_text_and_states",
+        )
+        return {"z_t": z_t, "text_states": states, "text_mask": text_mask}
+
+    return encode
+
+
+def prior_scores(sampled: np.ndarray, true_z_i: np.ndarray, z_t: np.ndarray) -> dict[str, float]:
+    """The evaluation of sampled z_i (N, D) against the true ones and the captions' z_t.
+
+    cos_true: mean cosine with the true z_i; cos_text: with the caption's z_t; cos_unrelated:
+    with another caption's z_t (the next row's); top1: how often the true image is the
+    nearest of the N test images (by cosine) to the sampled z_i.
+    """
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    s, i, t = unit(sampled), unit(true_z_i), unit(z_t)
+    nearest = np.argmax(s @ i.T, axis=1)
+    return {
+        "cos_true": float(np.mean(np.sum(s * i, axis=1))),
+        "cos_text": float(np.mean(np.sum(s * t, axis=1))),
+        "cos_unrelated": float(np.mean(np.sum(s * np.roll(t, 1, axis=0), axis=1))),
+        "top1": float(np.mean(nearest == np.arange(len(s)))),
+    }
+
+
+def _eval_hook(
+    config: ml_collections.ConfigDict,
+    prior: DiffusionPrior,
+    encode: Any,
+    clip: PretrainedClip,
+    clip_params: Any,
+    stats: Any,
+) -> Hook:
+    shards = open_shards(
+        config.data.test_embeddings_dir, "data.test_embeddings_dir", config.model.clip_dim
+    )
+    emb = config.embedding
+    decode = functools.partial(
+        denormalize_embedding, method=emb.normalization, scale=emb.embed_scale, stats=stats
+    )
+    sampler = prior_sampler(
+        prior,
+        config.diffusion,
+        config.sampling,
+        decode=decode,
+        num_candidates=config.guidance.num_candidates,
+    )
+    transform = prior_transform(clip)
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    cache: dict[str, Any] = {}
+
+    def run(ctx: HookContext) -> dict[str, float]:
+        if not cache:
+            count = min(len(shards), config.eval.num_examples)
+            rows = [transform(shards[i], None) for i in range(count)]
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            cond = jax.device_get(
+                jax.jit(encode)(
+                    cast_floats(clip_params, dtype), batch["input_ids"], batch["text_mask"]
+                )
+            )
+            cache.update(cond=replicate(cond, ctx.mesh), z_t=cond["z_t"], z_i=batch["z_i"])
+        sampled = gather_to_host(
+            sampler(ctx.state.ema_params, cache["cond"], jax.random.key(config.train.seed))
+        )
+        scores = prior_scores(sampled, cache["z_i"], cache["z_t"])
+        log.info("prior samples on %d test captions: %s", len(sampled), scores)
+        return scores
+
+    return Hook("eval", config.eval.every, run)
+
+
+@register_stage("prior")
+def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
+    """The diffusion prior on embedding shards, conditioned by the frozen CLIP's text tower."""
+    if config.kind != "diffusion":
+        raise ConfigError(
+            f"config key 'kind' is {config.kind!r}: this version trains the 'diffusion' prior; "
+            "the autoregressive prior's embedding codec is in unclip_jax/models/prior_codec.py, "
+            "its model and training are not written yet"
+        )
+    clip = load_frozen_clip(config)
+    check_prior_fits_clip(config.model, clip, config.clip.dir)
+    model = config.model
+    train_source = open_shards(config.data.embeddings_dir, "data.embeddings_dir", model.clip_dim)
+    stats = embedding_stats(config, train_source, workdir)
+    clip_params = jax.device_get(clip.params)
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    prior = DiffusionPrior(
+        clip_dim=model.clip_dim,
+        width=model.width,
+        layers=model.layers,
+        heads=model.heads,
+        text_tokens=model.text_tokens,
+        dropout=model.dropout,
+        dtype=dtype,
+    )
+    encode = _text_conditioning(CLIP(clip.config, dtype=dtype))
+    sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    emb = config.embedding
+    drop_prob = config.guidance.cond_drop_prob
+
+    def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
+        cond = encode(frozen["clip"], batch["input_ids"], batch["text_mask"])
+        x0 = normalize_embedding(
+            batch["z_i"], method=emb.normalization, scale=emb.embed_scale, stats=frozen["stats"]
+        )
+        drop_key, dropout_key, diffusion_key = jax.random.split(rng, 3)
+        drop_text = jax.random.bernoulli(drop_key, drop_prob, (x0.shape[0],))
+
+        def apply(x_t: Array, t: Array) -> Array:
+            return prior.apply(
+                {"params": params},
+                x_t,
+                t,
+                cond["z_t"],
+                cond["text_states"],
+                cond["text_mask"],
+                drop_text=drop_text,
+                deterministic=False,
+                rngs={"dropout": dropout_key},
+            )
+
+        return denoising_loss(apply, x0, diffusion_key, sched=sched, diffusion=config.diffusion)
+
+    def init_params(rng: Array) -> Any:
+        b, d, length = 1, model.clip_dim, model.text_tokens
+        width = clip.config.text.hidden_size
+        return prior.init(
+            rng,
+            jnp.zeros((b, d)),
+            jnp.zeros((b,)),
+            jnp.zeros((b, d)),
+            jnp.zeros((b, length, width)),
+            jnp.ones((b, length), bool),
+        )["params"]
+
+    hooks = []
+    if config.eval.every > 0:
+        hooks.append(_eval_hook(config, prior, encode, clip, clip_params, stats))
+    return Stage(
+        init_params=init_params,
+        loss_fn=loss_fn,
+        make_data=functools.partial(stage_pipeline, config, train_source, prior_transform(clip)),
+        hooks=tuple(hooks),
+        frozen={"clip": clip_params, "stats": stats},
+    )
