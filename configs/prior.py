@@ -65,6 +65,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         bucketing="quantile",
         clip_quantile=0.999,
         dot_product_percentile=50.0,
+        temperature=1.0,  # sampling: softmax temperature and nucleus (top-p) of each token
+        top_p=1.0,
     )
     if arg == "tiny":
         c.model.update(clip_dim=16, width=32, layers=2, heads=2, text_tokens=16)

@@ -198,16 +198,21 @@ def test_a_shard_of_the_wrong_dimension_is_named(shards, tmp_path):
         build_stage(stage_config(shards, **{"model.clip_dim": 32}))
     with pytest.raises(ConfigError, match=r"'data\.embeddings_dir' is empty"):
         build_stage(stage_config(shards, **{"data.embeddings_dir": ""}))
-    with pytest.raises(ConfigError, match="'kind' is 'autoregressive'"):
-        build_stage(stage_config(shards, kind="autoregressive"))
+    with pytest.raises(ConfigError, match="'kind' is 'flow'"):
+        build_stage(stage_config(shards, kind="flow"))
 
 
-@pytest.mark.parametrize("normalization", ["sqrt_dim", "standardize"])
-def test_a_few_prior_steps_lower_the_loss(shards, normalization, tmp_path):
-    c = stage_config(shards, **{"embedding.normalization": normalization})
+@pytest.mark.parametrize(
+    "kind,normalization",
+    [("diffusion", "sqrt_dim"), ("diffusion", "standardize"), ("autoregressive", "sqrt_dim")],
+)
+def test_a_few_prior_steps_lower_the_loss(shards, kind, normalization, tmp_path):
+    c = stage_config(shards, kind=kind, **{"embedding.normalization": normalization})
     stage = build_stage(c, str(tmp_path))
     if normalization == "standardize":  # fitted on the shards and kept with the run
         assert os.path.exists(tmp_path / "prior_embedding.safetensors")
+    if kind == "autoregressive":  # the PCA and quantisers, likewise
+        assert os.path.exists(tmp_path / "prior_codec.safetensors")
     batch = jax.tree.map(jnp.asarray, next(stage.make_data(0, 1)))
     params = nn.meta.unbox(jax.jit(stage.init_params)(jax.random.key(0)))
     tx = optax.adam(3e-3)
@@ -228,8 +233,9 @@ def test_a_few_prior_steps_lower_the_loss(shards, normalization, tmp_path):
     assert float(after) < 0.7 * float(before)
 
 
-def test_the_prior_trains_through_the_loop_and_logs_its_evaluation(shards, tmp_path):
-    c = stage_config(shards, **{"eval.every": 2})
+@pytest.mark.parametrize("kind", ["diffusion", "autoregressive"])
+def test_the_prior_trains_through_the_loop_and_logs_its_evaluation(shards, kind, tmp_path):
+    c = stage_config(shards, kind=kind, **{"eval.every": 2})
     train_and_evaluate(c, str(tmp_path))
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -249,3 +255,15 @@ def test_prior_scores_of_perfect_samples():
     assert perfect["cos_true"] == pytest.approx(1.0) and perfect["top1"] == 1.0
     shuffled = prior_scores(np.roll(z_i, 1, axis=0), z_i, z_t)
     assert shuffled["top1"] == 0.0 and shuffled["cos_true"] < 0.9
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    from unclip_jax.sampling import top_p_logits
+
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+    kept = np.isfinite(np.asarray(top_p_logits(logits, 0.7)))[0]
+    np.testing.assert_array_equal(kept, [False, True, False, True])  # 0.5 + 0.3 >= 0.7
+    assert np.isfinite(np.asarray(top_p_logits(logits, 1.0))).all()
+    np.testing.assert_array_equal(
+        np.isfinite(np.asarray(top_p_logits(logits, 0.1)))[0], [0, 1, 0, 0]
+    )

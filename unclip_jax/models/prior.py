@@ -246,3 +246,88 @@ def denormalize_embedding(
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {method!r}; valid: {', '.join(NORMALIZATIONS)}")
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+class AutoregressivePrior(nn.Module):
+    """The autoregressive prior's network: next-token logits over the PCA tokens of z_i.
+
+    Sequence (unCLIP Section 2.2): [caption tokens (L) ; z_t ; dot-product token ; PCA tokens
+    0 .. d-2], with learned positions, through `layers` causal pre-LN blocks (the caption's
+    padding masked out). The output at the dot-product token predicts PCA token 0 and the
+    output at PCA token j predicts token j + 1, so `tokens` (B, d) are teacher-forced and the
+    logits are (B, d, num_buckets). The caption tokens are the CLIP tokenizer's ids, embedded by
+    this model (`vocab_size`); z_t is projected to one token. Dropping the text (`drop_text`,
+    for guidance) masks the caption out and zeroes z_t.
+    """
+
+    vocab_size: int
+    num_buckets: int
+    num_tokens: int
+    width: int
+    layers: int
+    heads: int
+    text_tokens: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        text_mask: Array,
+        z_t: Array,
+        dot: Array,
+        tokens: Array,
+        *,
+        drop_text: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """input_ids, text_mask (B, L), z_t (B, D), dot (B,) and tokens (B, d) int ->
+        logits (B, d, num_buckets), float32."""
+        b, length = input_ids.shape
+        if length != self.text_tokens:
+            raise ValueError(f"expected {self.text_tokens} caption tokens, got {length}")
+        if tokens.shape[1] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} PCA tokens, got {tokens.shape[1]}")
+        dt, w = self.dtype, self.width
+        text_mask = text_mask.astype(bool)
+        z_t = z_t.astype(dt)
+        if drop_text is not None:
+            drop_text = drop_text.astype(bool)
+            text_mask = text_mask & ~drop_text[:, None]
+            z_t = jnp.where(drop_text[:, None], 0, z_t)
+
+        def table(name: str, rows: int) -> nn.Embed:
+            return nn.Embed(
+                rows,
+                w,
+                dtype=dt,
+                embedding_init=nn.with_logical_partitioning(_small_normal, ("vocab", "embed")),
+                name=name,
+            )
+
+        sequence = jnp.concatenate(
+            [
+                table("text_embedding", self.vocab_size)(input_ids),
+                dense(w, ("embed", "mlp"), name="text_embed_proj", dtype=dt)(z_t)[:, None],
+                table("dot_embedding", self.num_buckets)(dot)[:, None],
+                table("token_embedding", self.num_buckets)(tokens[:, :-1]),
+            ],
+            axis=1,
+        )
+        total = length + 1 + self.num_tokens
+        position = self.param(
+            "positional_embedding",
+            nn.with_logical_partitioning(_small_normal, (None, None, "embed")),
+            (1, total, w),
+        )
+        h = sequence + position.astype(dt)
+        valid = jnp.concatenate([text_mask, jnp.ones((b, 1 + self.num_tokens), bool)], axis=1)
+        bias = causal_bias(valid)
+        for i in range(self.layers):
+            h = TransformerBlock(self.heads, self.dropout, dt, name=f"transformer_blocks_{i}")(
+                h, bias, deterministic=deterministic
+            )
+        h = layer_norm("norm_out", dt)(h[:, length + 1 :])
+        logits = dense(self.num_buckets, ("embed", "vocab"), name="to_logits", dtype=dt)(h)
+        return logits.astype(jnp.float32)

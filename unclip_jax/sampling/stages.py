@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax import diffusion as D
-from unclip_jax.models.prior import DiffusionPrior
+from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior
 from unclip_jax.models.unet import Decoder, UNet, upsampler_input
 
 Array = jax.Array
@@ -201,5 +201,80 @@ def prior_sampler(
             x0 = _sample(guided, x_T, loop_key, diffusion, sampling)
         candidates = decode(x0).reshape(b, k, -1)
         return best_of_candidates(candidates, cond["z_t"])
+
+    return fn
+
+
+def top_p_logits(logits: Array, top_p: float) -> Array:
+    """Logits with everything outside the nucleus set to -inf: the smallest set of the most
+    likely values whose probabilities sum to at least `top_p` (1.0 keeps all)."""
+    if top_p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a value if the mass strictly before it is below top_p (the most likely always stays).
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
+    keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def ar_prior_sampler(
+    prior: AutoregressivePrior,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    guidance_scale: float = 1.0,
+    dot_percentile: float = 50.0,
+) -> Callable[[Any, Any, Mapping[str, Array], Array], Array]:
+    """`fn(params, codec, cond, key) -> z_i (B, D)`: the autoregressive prior's samples.
+
+    `cond` holds `input_ids`, `text_mask` (B, L) and the unit-norm `z_t` (B, D). The
+    dot-product token is drawn from its training distribution above `dot_percentile`
+    (`models.prior_codec.sample_dot_tokens`); then each of the d PCA tokens in turn from
+    softmax(guided logits / temperature) restricted to the top-p nucleus, the guided logits
+    being s * cond + (1 - s) * uncond with the text dropped in the unconditional half. The
+    tokens are decoded through the inverse PCA (`codec_decode`). Each step reruns the whole
+    prefix (no key/value cache): d forward passes of the full sequence.
+    """
+    from unclip_jax.models.prior_codec import codec_decode, sample_dot_tokens
+
+    d = prior.num_tokens
+
+    def logits_at(params: Any, cond: Mapping[str, Array], dot: Array, tokens: Array, j: Array):
+        def run(drop: bool) -> Array:
+            b = tokens.shape[0]
+            logits = prior.apply(
+                {"params": params},
+                cond["input_ids"],
+                cond["text_mask"],
+                cond["z_t"],
+                dot,
+                tokens,
+                drop_text=jnp.full((b,), drop),
+            )
+            return jax.lax.dynamic_index_in_dim(logits, j, axis=1, keepdims=False)
+
+        if guidance_scale == 1.0:
+            return run(False)
+        return guidance_scale * run(False) + (1.0 - guidance_scale) * run(True)
+
+    @jax.jit
+    def fn(params: Any, codec: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        b = cond["z_t"].shape[0]
+        dot_key, loop_key = jax.random.split(key)
+        dot = sample_dot_tokens(codec.dot, dot_key, (b,), percentile=dot_percentile)
+        dot = dot.reshape(b).astype(jnp.int32)
+
+        def body(j: Array, tokens: Array) -> Array:
+            logits = logits_at(params, cond, dot, tokens, j) / max(temperature, 1e-6)
+            logits = top_p_logits(logits, top_p)
+            token = jax.random.categorical(jax.random.fold_in(loop_key, j), logits, axis=-1)
+            return tokens.at[:, j].set(token.astype(jnp.int32))
+
+        tokens = jax.lax.fori_loop(0, d, body, jnp.zeros((b, d), jnp.int32))
+        return codec_decode(codec, tokens)
 
     return fn

@@ -141,7 +141,6 @@ def _sample_hook(
     clip_params: Any,
     transform: Any,
 ) -> Hook:
-    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     spec, kwargs = dataset_spec(config.data)
     sampler = decoder_sampler(
         decoder, config.diffusion, config.sampling, resolution=config.model.resolution
@@ -156,7 +155,7 @@ def _sample_hook(
             batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
             # Encoded as in the step (frozen params in the compute dtype), then replicated on
             # the mesh beside the sharded EMA params.
-            cond = jax.jit(encode)(cast_floats(clip_params, dtype), batch)
+            cond = jax.jit(encode)(clip_params, batch)
             cache["cond"] = replicate(jax.device_get(cond), ctx.mesh)
             cache["captions"] = [str(e["caption"]) for e in examples]
         images = sampler(ctx.state.ema_params, cache["cond"], jax.random.key(config.train.seed))
@@ -172,9 +171,10 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     del workdir
     clip = load_frozen_clip(config)
     check_clip_fits(config.model, clip, config.clip.dir)
-    clip_params = jax.device_get(clip.params)  # host copy: the loop replicates it on the mesh
-    model_config = config.model.to_dict()
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    # A host copy in the compute dtype: the loop replicates it on the mesh.
+    clip_params = cast_floats(jax.device_get(clip.params), dtype)
+    model_config = config.model.to_dict()
     decoder = decoder_from_config(model_config, dtype=dtype, eos_token_id=clip.tokenizer.eos_id)
     clip_model = CLIP(clip.config, dtype=dtype)
     encode = _conditioning_fn(clip_model, model_config["text_encoder"])

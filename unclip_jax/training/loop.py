@@ -54,13 +54,7 @@ from unclip_jax.training.state import (
     state_partition_specs,
     state_shardings,
 )
-from unclip_jax.training.step import (
-    COMPUTE_DTYPES,
-    GUARDED_METRICS,
-    cast_floats,
-    compile_train_step,
-    make_train_step,
-)
+from unclip_jax.training.step import GUARDED_METRICS, compile_train_step, make_train_step
 
 log = logging.getLogger("unclip_jax.train")
 
@@ -289,12 +283,9 @@ def train_and_evaluate(
             batch_sharding(mesh),
             None if stage.frozen is None else replicated_sharding(mesh),
         )
-        # Frozen inputs go to the devices once, already in the compute dtype (half the bytes in
-        # bfloat16; the step's own cast is then a no-op).
-        frozen = ()
-        if stage.frozen is not None:
-            dtype = COMPUTE_DTYPES[train.get("compute_dtype", "float32")]
-            frozen = (replicate(cast_floats(jax.device_get(stage.frozen), dtype), mesh),)
+        # Frozen inputs go to the devices once, as the stage gave them (a stage casts what it
+        # wants in the compute dtype, e.g. a CLIP, and keeps what needs float32).
+        frozen = () if stage.frozen is None else (replicate(stage.frozen, mesh),)
 
         # ---- log the start ----------------------------------------------------------------
         start = int(jax.device_get(state.step))

@@ -4,9 +4,12 @@ Each example is a row of `data.embeddings_dir` (`unclip-jax embed`, clip-retriev
 npy shards): the image embedding z_i and the caption. The caption is tokenized with the frozen
 CLIP of `clip.dir`, whose text tower gives z_t and the caption's token states inside the step.
 `kind` "diffusion" trains the diffusion prior (x0 prediction, MSE, z_i scaled by
-`embedding.normalization`, the text dropped `guidance.cond_drop_prob` of the time). The
-per-dimension statistics of "standardize" are fitted on the training shards at the first start
-and kept in WORKDIR/prior_embedding.safetensors, so a resumed run (and sampling) uses the same.
+`embedding.normalization`); "autoregressive" the AR prior (cross-entropy over the quantised PCA
+tokens of the unit-norm z_i, after the caption, z_t and the quantised z_i . z_t). Either drops
+the text `guidance.cond_drop_prob` of the time. What is fitted on the training shards at the
+first start is kept in the workdir, so a resumed run (and sampling) uses the same: the
+per-dimension statistics of "standardize" (prior_embedding.safetensors) and the AR prior's PCA
+and quantisers (prior_codec.safetensors).
 
 Every `eval.every` steps the EMA prior samples z_i for test captions (best of
 `guidance.num_candidates` by the dot product with z_t) and logs the cosine with the true z_i,
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from safetensors.numpy import load_file, save_file
 
 from unclip_jax import diffusion as D
@@ -34,13 +38,22 @@ from unclip_jax.config import ConfigError
 from unclip_jax.data.embeddings import EmbeddingShards
 from unclip_jax.models.clip import CLIP
 from unclip_jax.models.prior import (
+    AutoregressivePrior,
     DiffusionPrior,
     denormalize_embedding,
     fit_embedding_stats,
     normalize_embedding,
 )
+from unclip_jax.models.prior_codec import (
+    PriorCodec,
+    codec_encode,
+    codec_from_arrays,
+    codec_to_arrays,
+    dot_tokens,
+    fit_codec,
+)
 from unclip_jax.parallel import replicate
-from unclip_jax.sampling.stages import prior_sampler
+from unclip_jax.sampling.stages import ar_prior_sampler, prior_sampler
 from unclip_jax.training.decoder_stage import load_frozen_clip
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import gather_to_host
@@ -50,7 +63,9 @@ from unclip_jax.training.step import COMPUTE_DTYPES, cast_floats
 Array = jax.Array
 log = logging.getLogger("unclip_jax.train")
 
+PRIOR_KINDS = ("diffusion", "autoregressive")
 STATS_FILE = "prior_embedding.safetensors"
+CODEC_FILE = "prior_codec.safetensors"
 # Rows the standardisation statistics are fitted on (a random subset of larger sets).
 STATS_ROWS = 200_000
 
@@ -152,28 +167,16 @@ def prior_scores(sampled: np.ndarray, true_z_i: np.ndarray, z_t: np.ndarray) -> 
 
 def _eval_hook(
     config: ml_collections.ConfigDict,
-    prior: DiffusionPrior,
+    sample: Any,
     encode: Any,
     clip: PretrainedClip,
     clip_params: Any,
-    stats: Any,
 ) -> Hook:
+    """`sample(params, cond, key) -> z_i` on the first test captions, scored by `prior_scores`."""
     shards = open_shards(
         config.data.test_embeddings_dir, "data.test_embeddings_dir", config.model.clip_dim
     )
-    emb = config.embedding
-    decode = functools.partial(
-        denormalize_embedding, method=emb.normalization, scale=emb.embed_scale, stats=stats
-    )
-    sampler = prior_sampler(
-        prior,
-        config.diffusion,
-        config.sampling,
-        decode=decode,
-        num_candidates=config.guidance.num_candidates,
-    )
     transform = prior_transform(clip)
-    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     cache: dict[str, Any] = {}
 
     def run(ctx: HookContext) -> dict[str, float]:
@@ -182,14 +185,12 @@ def _eval_hook(
             rows = [transform(shards[i], None) for i in range(count)]
             batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
             cond = jax.device_get(
-                jax.jit(encode)(
-                    cast_floats(clip_params, dtype), batch["input_ids"], batch["text_mask"]
-                )
+                jax.jit(encode)(clip_params, batch["input_ids"], batch["text_mask"])
             )
+            cond["input_ids"] = batch["input_ids"]
             cache.update(cond=replicate(cond, ctx.mesh), z_t=cond["z_t"], z_i=batch["z_i"])
-        sampled = gather_to_host(
-            sampler(ctx.state.ema_params, cache["cond"], jax.random.key(config.train.seed))
-        )
+        key = jax.random.key(config.train.seed)
+        sampled = gather_to_host(sample(ctx.state.ema_params, cache["cond"], key))
         scores = prior_scores(sampled, cache["z_i"], cache["z_t"])
         log.info("prior samples on %d test captions: %s", len(sampled), scores)
         return scores
@@ -197,22 +198,15 @@ def _eval_hook(
     return Hook("eval", config.eval.every, run)
 
 
-@register_stage("prior")
-def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
-    """The diffusion prior on embedding shards, conditioned by the frozen CLIP's text tower."""
-    if config.kind != "diffusion":
-        raise ConfigError(
-            f"config key 'kind' is {config.kind!r}: this version trains the 'diffusion' prior; "
-            "the autoregressive prior's embedding codec is in unclip_jax/models/prior_codec.py, "
-            "its model and training are not written yet"
-        )
-    clip = load_frozen_clip(config)
-    check_prior_fits_clip(config.model, clip, config.clip.dir)
+def _unit(x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
+    """init, loss, sampler and frozen extras of the diffusion prior."""
     model = config.model
-    train_source = open_shards(config.data.embeddings_dir, "data.embeddings_dir", model.clip_dim)
     stats = embedding_stats(config, train_source, workdir)
-    clip_params = jax.device_get(clip.params)
-    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     prior = DiffusionPrior(
         clip_dim=model.clip_dim,
         width=model.width,
@@ -222,7 +216,6 @@ def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = N
         dropout=model.dropout,
         dtype=dtype,
     )
-    encode = _text_conditioning(CLIP(clip.config, dtype=dtype))
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     emb = config.embedding
     drop_prob = config.guidance.cond_drop_prob
@@ -262,13 +255,153 @@ def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = N
             jnp.ones((b, length), bool),
         )["params"]
 
+    decode = functools.partial(
+        denormalize_embedding, method=emb.normalization, scale=emb.embed_scale, stats=stats
+    )
+    sampler = prior_sampler(
+        prior,
+        config.diffusion,
+        config.sampling,
+        decode=decode,
+        num_candidates=config.guidance.num_candidates,
+    )
+
+    def sample(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        return sampler(params, {k: cond[k] for k in ("z_t", "text_states", "text_mask")}, key)
+
+    return dict(init_params=init_params, loss_fn=loss_fn, sample=sample, frozen={"stats": stats})
+
+
+def prior_codec(
+    config: ml_collections.ConfigDict, shards: EmbeddingShards, workdir: str | None
+) -> PriorCodec:
+    """The autoregressive prior's PCA + quantisers: read back from WORKDIR, or fitted on the
+    training shards' unit-norm z_i and z_t at the first start and saved there."""
+    ar = config.ar
+    path = os.path.join(workdir, CODEC_FILE) if workdir else None
+    if path and os.path.exists(path):
+        return codec_from_arrays(
+            load_file(path),
+            embed_dim=config.model.clip_dim,
+            components=ar.pca_components,
+            num_buckets=ar.num_buckets,
+        )
+    rows = min(len(shards), STATS_ROWS)
+    pairs = [shards[i] for i in range(rows)]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    codec = fit_codec(
+        unit(np.stack([p["img_emb"] for p in pairs])),
+        unit(np.stack([p["text_emb"] for p in pairs])),
+        components=ar.pca_components,
+        num_buckets=ar.num_buckets,
+        method=ar.bucketing,
+        clip_quantile=ar.clip_quantile,
+    )
+    if path and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        save_file(codec_to_arrays(codec), path)
+    return codec
+
+
+def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
+    """init, loss, sampler and frozen extras of the autoregressive prior."""
+    model, ar = config.model, config.ar
+    codec = jax.tree.map(np.asarray, prior_codec(config, train_source, workdir))
+    prior = AutoregressivePrior(
+        vocab_size=clip.config.text.vocab_size,
+        num_buckets=ar.num_buckets,
+        num_tokens=ar.pca_components,
+        width=model.width,
+        layers=model.layers,
+        heads=model.heads,
+        text_tokens=model.text_tokens,
+        dropout=model.dropout,
+        dtype=dtype,
+    )
+    drop_prob = config.guidance.cond_drop_prob
+
+    def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
+        codec = frozen["codec"]
+        z_t = _unit(encode(frozen["clip"], batch["input_ids"], batch["text_mask"])["z_t"])
+        z_i = _unit(batch["z_i"])
+        tokens = codec_encode(codec, z_i)
+        dot = dot_tokens(codec, z_i, z_t).reshape(-1)
+        drop_key, dropout_key = jax.random.split(rng)
+        drop_text = jax.random.bernoulli(drop_key, drop_prob, (z_i.shape[0],))
+        logits = prior.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["text_mask"],
+            z_t,
+            dot,
+            tokens,
+            drop_text=drop_text,
+            deterministic=False,
+            rngs={"dropout": dropout_key},
+        )
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == tokens)
+        return jnp.mean(nll), {"token_accuracy": accuracy}
+
+    def init_params(rng: Array) -> Any:
+        b, length, d = 1, model.text_tokens, ar.pca_components
+        return prior.init(
+            rng,
+            jnp.zeros((b, length), jnp.int32),
+            jnp.ones((b, length), bool),
+            jnp.zeros((b, model.clip_dim)),
+            jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b, d), jnp.int32),
+        )["params"]
+
+    sampler = ar_prior_sampler(
+        prior,
+        temperature=ar.temperature,
+        top_p=ar.top_p,
+        guidance_scale=config.sampling.guidance_scale,
+        dot_percentile=ar.dot_product_percentile,
+    )
+
+    def sample(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        inputs = {
+            "input_ids": cond["input_ids"],
+            "text_mask": cond["text_mask"],
+            "z_t": _unit(jnp.asarray(cond["z_t"])),
+        }
+        return sampler(params, codec, inputs, key)
+
+    return dict(init_params=init_params, loss_fn=loss_fn, sample=sample, frozen={"codec": codec})
+
+
+@register_stage("prior")
+def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
+    """The diffusion or autoregressive prior (`kind`) on embedding shards, conditioned by the
+    frozen CLIP's text tower."""
+    if config.kind not in PRIOR_KINDS:
+        raise ConfigError(
+            f"config key 'kind' is {config.kind!r}; valid values: {', '.join(PRIOR_KINDS)}"
+        )
+    clip = load_frozen_clip(config)
+    check_prior_fits_clip(config.model, clip, config.clip.dir)
+    train_source = open_shards(
+        config.data.embeddings_dir, "data.embeddings_dir", config.model.clip_dim
+    )
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    # A host copy in the compute dtype: the loop replicates it on the mesh.
+    clip_params = cast_floats(jax.device_get(clip.params), dtype)
+    encode = _text_conditioning(CLIP(clip.config, dtype=dtype))
+    build = _diffusion_parts if config.kind == "diffusion" else _autoregressive_parts
+    parts = build(config, clip, train_source, workdir, encode, dtype)
     hooks = []
     if config.eval.every > 0:
-        hooks.append(_eval_hook(config, prior, encode, clip, clip_params, stats))
+        hooks.append(_eval_hook(config, parts["sample"], encode, clip, clip_params))
     return Stage(
-        init_params=init_params,
-        loss_fn=loss_fn,
+        init_params=parts["init_params"],
+        loss_fn=parts["loss_fn"],
         make_data=functools.partial(stage_pipeline, config, train_source, prior_transform(clip)),
         hooks=tuple(hooks),
-        frozen={"clip": clip_params, "stats": stats},
+        frozen={"clip": clip_params, **parts["frozen"]},
     )

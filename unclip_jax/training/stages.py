@@ -6,7 +6,8 @@ A stage (prior, decoder, upsampler, CLIP, ...) supplies:
 - `loss_fn(params, batch, rng, frozen) -> (loss, metrics)`: on the GLOBAL batch, params in
   the compute dtype; metrics are scalars (or 1-D arrays, logged per element);
 - optional `frozen`: a pytree of arrays the loss reads but never trains (e.g. the conditioning
-  CLIP's params), replicated on every device and passed to `loss_fn` as `frozen`;
+  CLIP's params, cast by the stage to the compute dtype), replicated on every device as given
+  and passed to `loss_fn` as `frozen`;
 - `make_data(process_index, process_count)`: this process's iterator of host-local batches
   (numpy pytrees of batch_size / process_count rows) with get_state/set_state;
 - optional `hooks`: periodic evaluation or sample grids, run on every process.

@@ -63,8 +63,8 @@ def make_train_step(
         state: TrainState, batch: Any, frozen: Any = None
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # Frozen inputs get no gradient and run in the compute dtype like the params.
-        frozen = jax.lax.stop_gradient(cast_floats(frozen, dtype))
+        # Frozen inputs get no gradient; they come in the dtype the stage chose for them.
+        frozen = jax.lax.stop_gradient(frozen)
 
         def objective(params: Params) -> tuple[jax.Array, dict[str, jax.Array]]:
             loss, metrics = loss_fn(cast_floats(params, dtype), batch, rng, frozen)
