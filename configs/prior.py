@@ -53,7 +53,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # sampled z_i with the true z_i, with z_t and with an unrelated caption's z_t, and top-1
     # retrieval of the true image among the test images (0: never).
     c.eval = dict(every=1_000, num_examples=512)
-    c.train = train_block(steps=20_000, batch_size=256, checkpoint_every=1_000, log_every=50)
+    # The CPU demo's prior (`shapes`): 5M params, 3,000 steps of 256 embeddings.
+    c.train = train_block(steps=3_000, batch_size=256, checkpoint_every=1_000, log_every=50)
     c.mesh = mesh_block()
     c.optim = optim_block(
         lr=3e-4, warmup_steps=500, weight_decay=0.06, b2=0.96, eps=1e-6, ema_decay=0.999

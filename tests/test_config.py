@@ -183,7 +183,7 @@ def test_cli_train_names_an_unregistered_stage(tmp_path):
     )
     assert run.returncode == 2
     assert "no trainable stage 'nonesuch' is registered" in run.stderr
-    assert "decoder, upsampler" in run.stderr  # the registered ones are listed
+    assert "clip, decoder, prior, upsampler" in run.stderr  # the registered ones are listed
 
 
 def test_cli_train_decoder_without_a_clip_names_the_key(tmp_path):

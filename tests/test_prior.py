@@ -267,3 +267,50 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     np.testing.assert_array_equal(
         np.isfinite(np.asarray(top_p_logits(logits, 0.1)))[0], [0, 1, 0, 0]
     )
+
+
+@pytest.mark.parametrize(
+    "variant,expected", [("paper", 1.23e9), ("paper_ar", 0.89e9), ("karlo", 1.02e9)]
+)
+def test_paper_priors_have_about_a_billion_params_and_shard(variant, expected):
+    """Table 3: 1B each (width 2048 x 24 blocks for the diffusion prior counts 1.23B; the AR
+    prior's 1664 x 24 with a 49,408-token caption vocabulary 0.89B); Karlo's is 1.02B."""
+    from unclip_jax.models.unet import count_params
+
+    c = config(variant)
+    m = c.model
+    length, dim = m.text_tokens, m.clip_dim
+    if c.kind == "diffusion":
+        module = DiffusionPrior(
+            clip_dim=dim, width=m.width, layers=m.layers, heads=m.heads, text_tokens=length
+        )
+        args = (
+            jnp.zeros((1, dim)),
+            jnp.zeros((1,)),
+            jnp.zeros((1, dim)),
+            jnp.zeros((1, length, dim)),
+            jnp.ones((1, length), bool),
+        )
+    else:
+        from unclip_jax.models.prior import AutoregressivePrior
+
+        d = c.ar.pca_components
+        module = AutoregressivePrior(
+            vocab_size=49408,
+            num_buckets=c.ar.num_buckets,
+            num_tokens=d,
+            width=m.width,
+            layers=m.layers,
+            heads=m.heads,
+            text_tokens=length,
+        )
+        args = (
+            jnp.zeros((1, length), jnp.int32),
+            jnp.ones((1, length), bool),
+            jnp.zeros((1, dim)),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, d), jnp.int32),
+        )
+    params = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)
+    assert count_params(params) == pytest.approx(expected, rel=0.02)
+    assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
