@@ -38,6 +38,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         dropout=0.1,
         num_groups=32,
         clip_dim=128,  # the conditioning CLIP's embedding width (checked against clip.dir)
+        # z_i scaled to unit norm: the space the priors sample in (CLIP compares embeddings by
+        # cosine). False feeds CLIP's raw image_embeds, as Karlo's decoder was trained.
+        unit_z_i=True,
         num_context_tokens=4,  # z_i projected into this many extra attention tokens
         context_dim=128,  # width of the attention context (the 4 z_i tokens + caption states)
         # The caption encoder [open]: "transformer" (GLIDE's own, trained with the decoder, on
@@ -132,6 +135,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             head_channels=64,
             clip_dim=768,
             context_dim=1536,
+            unit_z_i=False,
             text_encoder="clip",
             text_width=768,
             text_layers=12,

@@ -312,3 +312,22 @@ def test_upsampler_trains_on_crops_and_samples_the_whole_image(data_dir, tmp_pat
     assert out.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(out)))
     grid = os.path.join(str(tmp_path), "samples", "upsampler_00000004.png")
     assert os.path.exists(grid)
+
+
+def test_the_decoder_conditions_on_unit_z_i_unless_told_otherwise(clip_dir, data_dir):
+    """Unit-norm z_i is the space the priors sample in; Karlo's decoder reads raw embeds."""
+    from unclip_jax.clip import load_pretrained
+    from unclip_jax.models.clip import CLIP
+    from unclip_jax.training.decoder_stage import _conditioning_fn
+
+    clip = load_pretrained(clip_dir)
+    stage = build_stage(config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir}))
+    batch = next(stage.make_data(0, 1))
+    for unit in (True, False):
+        encode = _conditioning_fn(CLIP(clip.config), "transformer", unit)
+        norms = np.linalg.norm(np.asarray(encode(clip.params, batch)["z_i"]), axis=-1)
+        if unit:
+            np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+        else:
+            assert np.abs(norms - 1.0).max() > 1e-2
+    assert config("decoder", "karlo").model.unit_z_i is False

@@ -113,15 +113,16 @@ def decoder_transform(clip: PretrainedClip, resolution: int, text_tokens: int) -
     return transform
 
 
-def _conditioning_fn(clip_model: CLIP, text_encoder: str) -> Any:
-    """`encode(clip_params, batch) -> cond`: the decoder's conditioning from the frozen CLIP."""
+def _conditioning_fn(clip_model: CLIP, text_encoder: str, unit_z_i: bool) -> Any:
+    """`encode(clip_params, batch) -> cond`: the decoder's conditioning from the frozen CLIP
+    (z_i scaled to unit norm when `unit_z_i`, the priors' output space)."""
 
     def encode(clip_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
         variables = {"params": clip_params}
-        cond = {
-            "z_i": clip_model.apply(variables, batch["clip_pixels"], method="encode_image"),
-            "text_mask": batch["text_mask"],
-        }
+        z_i = clip_model.apply(variables, batch["clip_pixels"], method="encode_image")
+        if unit_z_i:
+            z_i = z_i / jnp.linalg.norm(z_i, axis=-1, keepdims=True).clip(1e-6)
+        cond = {"z_i": z_i, "text_mask": batch["text_mask"]}
         if text_encoder == "transformer":
             cond["input_ids"] = batch["input_ids"]
         else:
@@ -177,7 +178,9 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     model_config = config.model.to_dict()
     decoder = decoder_from_config(model_config, dtype=dtype, eos_token_id=clip.tokenizer.eos_id)
     clip_model = CLIP(clip.config, dtype=dtype)
-    encode = _conditioning_fn(clip_model, model_config["text_encoder"])
+    encode = _conditioning_fn(
+        clip_model, model_config["text_encoder"], model_config.get("unit_z_i", True)
+    )
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     guidance = config.guidance
     spec, kwargs = dataset_spec(config.data)
