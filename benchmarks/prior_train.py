@@ -234,7 +234,7 @@ def main() -> None:
     if args.flops:
         report_flops(our_jit, peer_step)
     if args.profile:
-        with jax.profiler.trace(args.profile):
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             for _ in range(2):
                 ours_step()
         print(f"trace written under {args.profile}")

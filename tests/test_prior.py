@@ -314,3 +314,97 @@ def test_paper_priors_have_about_a_billion_params_and_shard(variant, expected):
     params = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)
     assert count_params(params) == pytest.approx(expected, rel=0.02)
     assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
+
+
+# --- the autoregressive prior's alignment, and what a run fits once ------------------------------
+
+
+def _ar_model_and_params(d=4, k=8, length=5):
+    from unclip_jax.models.prior import AutoregressivePrior
+
+    model = AutoregressivePrior(
+        vocab_size=20, num_buckets=k, num_tokens=d, width=16, layers=2, heads=2, text_tokens=length
+    )
+    rng = np.random.default_rng(0)
+    inputs = dict(
+        input_ids=jnp.asarray(rng.integers(0, 20, (2, length)), jnp.int32),
+        text_mask=jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool),
+        z_t=jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
+        dot=jnp.array([1, 6], jnp.int32),
+        tokens=jnp.asarray(rng.integers(0, k, (2, d)), jnp.int32),
+    )
+    params = model.init(jax.random.key(0), **inputs)["params"]
+    return model, params, inputs
+
+
+def test_ar_logits_at_j_see_only_the_tokens_before_j():
+    model, params, inputs = _ar_model_and_params()
+    apply = jax.jit(lambda **a: model.apply({"params": params}, **a))
+    logits = apply(**inputs)
+    for j in range(4):
+        later = {**inputs, "tokens": inputs["tokens"].at[:, j:].set(7 - inputs["tokens"][:, j:])}
+        np.testing.assert_allclose(apply(**later)[:, : j + 1], logits[:, : j + 1], atol=1e-5)
+        if j > 0:
+            earlier = {**inputs, "tokens": inputs["tokens"].at[:, j - 1].add(1)}
+            assert float(jnp.abs(apply(**earlier)[:, j] - logits[:, j]).max()) > 1e-4
+
+
+def test_greedy_ar_sampling_picks_each_teacher_forced_argmax():
+    """With a nucleus of one token, every sampled token is the argmax of the model's logits at
+    its position given the tokens sampled before it: the sampler and training agree on the
+    alignment. The decoded result has unit norm."""
+    from unclip_jax.models.prior_codec import fit_codec
+    from unclip_jax.sampling import ar_prior_sampler
+
+    model, params, inputs = _ar_model_and_params()
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((200, 8)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    codec = fit_codec(z, z[::-1].copy(), components=4, num_buckets=8)
+    sampler = ar_prior_sampler(model, top_p=1e-6)
+    cond = {k: inputs[k] for k in ("input_ids", "text_mask", "z_t")}
+    z_i = sampler(params, codec, cond, jax.random.key(3))
+    np.testing.assert_allclose(np.linalg.norm(z_i, axis=1), 1.0, rtol=1e-5)
+    dot, tokens = sampler.tokens(params, codec, cond, jax.random.key(3))
+    logits = model.apply({"params": params}, **cond, dot=dot, tokens=tokens)
+    np.testing.assert_array_equal(np.argmax(logits, axis=-1), tokens)
+
+
+def test_fitted_arrays_are_kept_copied_from_init_from_and_checked(tmp_path):
+    from unclip_jax.training.prior_stage import fitted_once
+
+    calls = []
+
+    def fit():
+        calls.append(1)
+        return {"x": np.arange(3, dtype=np.float32)}
+
+    first = fitted_once("f.safetensors", fit, workdir=str(tmp_path / "a"), settings={"m": "q"})
+    again = fitted_once("f.safetensors", fit, workdir=str(tmp_path / "a"), settings={"m": "q"})
+    assert len(calls) == 1 and np.array_equal(first["x"], again["x"])  # read back, not refit
+    copied = fitted_once(
+        "f.safetensors",
+        fit,
+        workdir=str(tmp_path / "b"),
+        init_from=str(tmp_path / "a"),
+        settings={"m": "q"},
+    )
+    assert len(calls) == 1 and np.array_equal(copied["x"], first["x"])
+    with pytest.raises(ConfigError, match="'q' -> 'u'"):
+        fitted_once("f.safetensors", fit, workdir=str(tmp_path / "a"), settings={"m": "u"})
+
+
+def test_shards_of_another_clip_are_refused(shards, tmp_path):
+    import json
+    import shutil
+
+    from unclip_jax.training.prior_stage import check_shards_come_from
+
+    clip_dir, train, _ = shards
+    check_shards_come_from(train, clip_dir)  # made by it: fine
+    other = tmp_path / "emb"
+    shutil.copytree(train, other)
+    manifest = json.loads((other / "embed_manifest.json").read_text())
+    (other / "embed_manifest.json").write_text(json.dumps({**manifest, "clip": "0" * 40}))
+    with pytest.raises(ConfigError, match=r"another CLIP than clip\.dir"):
+        check_shards_come_from(str(other), clip_dir)

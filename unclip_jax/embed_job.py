@@ -45,15 +45,29 @@ def shard_complete(out: str, index: int) -> bool:
     return all(os.path.exists(p) for p in shard_paths(out, index).values())
 
 
-def _manifest(clip_dir: str, settings: dict[str, Any], num_rows: int, dim: int) -> dict[str, Any]:
-    """What fixes the job's output: the CLIP (its config and weight files), the data, the cut."""
+def clip_digest(clip_dir: str) -> str:
+    """A fingerprint of a CLIP directory: its config and the names and sizes of its weights."""
     digest = hashlib.sha1()
     with open(os.path.join(clip_dir, "config.json"), "rb") as f:
         digest.update(f.read())
     for name in sorted(os.listdir(clip_dir)):
         if name.endswith(".safetensors"):
             digest.update(f"{name}:{os.path.getsize(os.path.join(clip_dir, name))}".encode())
-    return {**settings, "clip": digest.hexdigest(), "num_rows": num_rows, "dim": dim}
+    return digest.hexdigest()
+
+
+def read_manifest(out: str) -> dict[str, Any] | None:
+    """The manifest of an embedding folder written by this job, or None (e.g. clip-retrieval's)."""
+    path = os.path.join(out, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _manifest(clip_dir: str, settings: dict[str, Any], num_rows: int, dim: int) -> dict[str, Any]:
+    """What fixes the job's output: the CLIP (its config and weight files), the data, the cut."""
+    return {**settings, "clip": clip_digest(clip_dir), "num_rows": num_rows, "dim": dim}
 
 
 def _check_manifest(out: str, manifest: dict[str, Any]) -> None:

@@ -190,6 +190,13 @@ class DiffusionPrior(nn.Module):
 
 # ---- how z_i is scaled for diffusion ------------------------------------------------------------
 
+
+def unit_norm(z: Array, eps: float = 1e-12) -> Array:
+    """z / ||z|| along the last axis, float32 (CLIP embeddings compare by cosine)."""
+    z = jnp.asarray(z, jnp.float32)
+    return z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(eps)
+
+
 NORMALIZATIONS = ("constant", "sqrt_dim", "standardize")
 
 
@@ -226,7 +233,7 @@ def normalize_embedding(
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {method!r}; valid: {', '.join(NORMALIZATIONS)}")
     factor = scale if method == "constant" else math.sqrt(z.shape[-1])
-    return z / jnp.linalg.norm(z, axis=-1, keepdims=True).clip(1e-12) * factor
+    return unit_norm(z) * factor
 
 
 def denormalize_embedding(
@@ -245,7 +252,7 @@ def denormalize_embedding(
         return x * stats["clip_std"] + stats["clip_mean"]
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {method!r}; valid: {', '.join(NORMALIZATIONS)}")
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+    return unit_norm(x)
 
 
 class AutoregressivePrior(nn.Module):
@@ -329,5 +336,6 @@ class AutoregressivePrior(nn.Module):
                 h, bias, deterministic=deterministic
             )
         h = layer_norm("norm_out", dt)(h[:, length + 1 :])
-        logits = dense(self.num_buckets, ("embed", "vocab"), name="to_logits", dtype=dt)(h)
-        return logits.astype(jnp.float32)
+        # The K-way logits in float32 whatever the compute dtype (a 1024-way softmax).
+        logits = dense(self.num_buckets, ("embed", "vocab"), name="to_logits", dtype=jnp.float32)
+        return logits(h.astype(jnp.float32))

@@ -236,10 +236,18 @@ def ar_prior_sampler(
     (`models.prior_codec.sample_dot_tokens`); then each of the d PCA tokens in turn from
     softmax(guided logits / temperature) restricted to the top-p nucleus, the guided logits
     being s * cond + (1 - s) * uncond with the text dropped in the unconditional half. The
-    tokens are decoded through the inverse PCA (`codec_decode`). Each step reruns the whole
-    prefix (no key/value cache): d forward passes of the full sequence.
+    tokens are decoded through the inverse PCA (`codec_decode`) and scaled back to unit norm
+    (`fn.tokens(params, codec, cond, key)` gives the (dot, tokens) drawn, before decoding)
+    (the PCA was fitted on unit-norm z_i; truncation and quantisation shrink the norm). Each
+    step reruns the whole prefix (no key/value cache): d forward passes of the full sequence.
     """
+    from unclip_jax.models.prior import unit_norm
     from unclip_jax.models.prior_codec import codec_decode, sample_dot_tokens
+
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
     d = prior.num_tokens
 
@@ -261,20 +269,26 @@ def ar_prior_sampler(
             return run(False)
         return guidance_scale * run(False) + (1.0 - guidance_scale) * run(True)
 
-    @jax.jit
-    def fn(params: Any, codec: Any, cond: Mapping[str, Array], key: Array) -> Array:
+    def tokens_fn(
+        params: Any, codec: Any, cond: Mapping[str, Array], key: Array
+    ) -> tuple[Array, Array]:
         b = cond["z_t"].shape[0]
         dot_key, loop_key = jax.random.split(key)
         dot = sample_dot_tokens(codec.dot, dot_key, (b,), percentile=dot_percentile)
         dot = dot.reshape(b).astype(jnp.int32)
 
         def body(j: Array, tokens: Array) -> Array:
-            logits = logits_at(params, cond, dot, tokens, j) / max(temperature, 1e-6)
+            logits = logits_at(params, cond, dot, tokens, j) / temperature
             logits = top_p_logits(logits, top_p)
             token = jax.random.categorical(jax.random.fold_in(loop_key, j), logits, axis=-1)
             return tokens.at[:, j].set(token.astype(jnp.int32))
 
-        tokens = jax.lax.fori_loop(0, d, body, jnp.zeros((b, d), jnp.int32))
-        return codec_decode(codec, tokens)
+        return dot, jax.lax.fori_loop(0, d, body, jnp.zeros((b, d), jnp.int32))
 
+    @jax.jit
+    def fn(params: Any, codec: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        _, tokens = tokens_fn(params, codec, cond, key)
+        return unit_norm(codec_decode(codec, tokens))
+
+    fn.tokens = jax.jit(tokens_fn)  # (dot token (B,), PCA tokens (B, d)) before decoding
     return fn

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,12 +31,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from unclip_jax import diffusion as D
 from unclip_jax.clip import PretrainedClip
 from unclip_jax.config import ConfigError
 from unclip_jax.data.embeddings import EmbeddingShards
+from unclip_jax.embed_job import clip_digest, read_manifest
 from unclip_jax.models.clip import CLIP
 from unclip_jax.models.prior import (
     AutoregressivePrior,
@@ -43,6 +47,7 @@ from unclip_jax.models.prior import (
     denormalize_embedding,
     fit_embedding_stats,
     normalize_embedding,
+    unit_norm,
 )
 from unclip_jax.models.prior_codec import (
     PriorCodec,
@@ -91,36 +96,103 @@ def open_shards(directory: str, key: str, dim: int) -> EmbeddingShards:
     return EmbeddingShards(directory, expected_dim=dim)
 
 
+def fitted_once(
+    name: str,
+    fit: Callable[[], dict[str, np.ndarray]],
+    *,
+    workdir: str | None,
+    init_from: str = "",
+    settings: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Arrays fitted on the training data once per run and kept in WORKDIR/`name`.
+
+    Read back when the workdir has them (a resume), else copied from `init_from`'s workdir (a
+    run that starts from another's weights keeps the statistics those weights were trained
+    with), else fitted. With several processes, process 0 fits and writes (atomically) and
+    every process then reads the same file. `settings` (strings) are stored beside the arrays;
+    reading a file made with other settings is a ConfigError naming them.
+    """
+    path = os.path.join(workdir, name) if workdir else None
+    source = os.path.join(init_from, name) if init_from else ""
+    if path is None:
+        return fit()
+    if not os.path.exists(path):
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            if source and os.path.exists(source):
+                shutil.copyfile(source, tmp)
+                log.info("using %s from train.init_from: %s", name, source)
+            else:
+                save_file(fit(), tmp, metadata=settings)
+            os.replace(tmp, path)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"fitted {name}")
+    with safe_open(path, framework="np") as f:
+        saved = f.metadata() or {}
+    changed = [
+        f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in (settings or {}).items() if saved.get(k) != v
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was fitted with other settings ({'; '.join(changed)}): restore them or "
+            "start a new workdir"
+        )
+    return load_file(path)
+
+
+def check_shards_come_from(directory: str, clip_dir: str) -> None:
+    """ConfigError when shards written by `unclip-jax embed` name another CLIP than `clip.dir`
+    (the prior pairs the shards' z_i with that CLIP's text encoding); shards without our
+    manifest (clip-retrieval's, LAION's) cannot be checked and are trusted."""
+    manifest = read_manifest(directory)
+    if manifest and manifest.get("clip") != clip_digest(clip_dir):
+        raise ConfigError(
+            f"the shards in {directory} were embedded with another CLIP than clip.dir "
+            f"{clip_dir} (manifest digest {manifest.get('clip')}): embed them with it, or point "
+            "clip.dir at the CLIP that made them"
+        )
+
+
 def embedding_stats(
     config: ml_collections.ConfigDict, shards: EmbeddingShards, workdir: str | None
 ) -> dict[str, np.ndarray] | None:
-    """The run's clip_mean/clip_std ("standardize"): read back from WORKDIR, or fitted on the
-    training shards and saved there at the first start; None for the other normalizations."""
+    """The run's clip_mean/clip_std ("standardize", fitted on the training shards at the first
+    start, `fitted_once`); None for the other normalizations."""
     if config.embedding.normalization != "standardize":
         return None
-    path = os.path.join(workdir, STATS_FILE) if workdir else None
-    if path and os.path.exists(path):
-        return load_file(path)
+
+    def fit() -> dict[str, np.ndarray]:
+        return fit_embedding_stats(_training_rows(shards)[0])
+
+    stats = fitted_once(
+        STATS_FILE, fit, workdir=workdir, init_from=config.train.get("init_from", "")
+    )
+    if stats["clip_mean"].shape != (config.model.clip_dim,):
+        raise ConfigError(
+            f"{STATS_FILE} holds statistics of {stats['clip_mean'].shape[0]}-d embeddings, "
+            f"model.clip_dim is {config.model.clip_dim}"
+        )
+    return stats
+
+
+def _training_rows(shards: EmbeddingShards) -> tuple[np.ndarray, np.ndarray]:
+    """(z_i, z_t) of the rows fitting uses: all of them, or a seeded random STATS_ROWS."""
     rows = len(shards)
+    index = range(rows)
     if rows > STATS_ROWS:
         index = np.sort(np.random.default_rng(0).choice(rows, STATS_ROWS, replace=False))
-        embeddings = np.stack([shards[int(i)]["img_emb"] for i in index])
-    else:
-        embeddings = shards.all_img_emb()
-    stats = fit_embedding_stats(embeddings)
-    if path and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        save_file(stats, path)
-    return stats
+    pairs = [shards[int(i)] for i in index]
+    return np.stack([p["img_emb"] for p in pairs]), np.stack([p["text_emb"] for p in pairs])
 
 
 def prior_transform(clip: PretrainedClip) -> Any:
     """`transform(row, rng)`: an embedding-shard row -> {"z_i", "input_ids", "text_mask"}."""
-    length = clip.config.context_length
+    tokenizer, length = clip.tokenizer, clip.config.context_length  # not the whole CLIP
 
     def transform(row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         del rng
-        ids, mask = clip.tokenizer([str(row["caption"])], context_length=length)
+        ids, mask = tokenizer([str(row["caption"])], context_length=length)
         return {
             "z_i": np.asarray(row["img_emb"], np.float32),
             "input_ids": ids[0],
@@ -151,17 +223,27 @@ def prior_scores(sampled: np.ndarray, true_z_i: np.ndarray, z_t: np.ndarray) -> 
     nearest of the N test images (by cosine) to the sampled z_i.
     """
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    s, i, t = unit(sampled), unit(true_z_i), unit(z_t)
-    nearest = np.argmax(s @ i.T, axis=1)
+    s, i, t = (np.asarray(unit_norm(x), np.float64) for x in (sampled, true_z_i, z_t))
+    # Retrieval among the distinct test images (rows of one image with several captions count
+    # once), and for each row the next caption (cyclically) that is not its own.
+    images, image_of_row = np.unique(np.round(i, 5), axis=0, return_inverse=True)
+    nearest = np.argmax(s @ np.asarray(unit_norm(images)).T, axis=1)
+    n = len(s)
+    unrelated = np.arange(n)
+    for r in range(n):
+        for shift in range(1, n):
+            other = (r + shift) % n
+            if (
+                t[other] @ t[r] < 1 - 1e-6
+                and image_of_row.ravel()[other] != image_of_row.ravel()[r]
+            ):
+                unrelated[r] = other
+                break
     return {
         "cos_true": float(np.mean(np.sum(s * i, axis=1))),
         "cos_text": float(np.mean(np.sum(s * t, axis=1))),
-        "cos_unrelated": float(np.mean(np.sum(s * np.roll(t, 1, axis=0), axis=1))),
-        "top1": float(np.mean(nearest == np.arange(len(s)))),
+        "cos_unrelated": float(np.mean(np.sum(s * t[unrelated], axis=1))),
+        "top1": float(np.mean(nearest == image_of_row.ravel())),
     }
 
 
@@ -196,11 +278,6 @@ def _eval_hook(
         return scores
 
     return Hook("eval", config.eval.every, run)
-
-
-def _unit(x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
 
 
 def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
@@ -275,35 +352,36 @@ def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict
 def prior_codec(
     config: ml_collections.ConfigDict, shards: EmbeddingShards, workdir: str | None
 ) -> PriorCodec:
-    """The autoregressive prior's PCA + quantisers: read back from WORKDIR, or fitted on the
-    training shards' unit-norm z_i and z_t at the first start and saved there."""
+    """The autoregressive prior's PCA + quantisers, fitted on the training shards' unit-norm
+    z_i and z_t at the first start (`fitted_once`)."""
     ar = config.ar
-    path = os.path.join(workdir, CODEC_FILE) if workdir else None
-    if path and os.path.exists(path):
-        return codec_from_arrays(
-            load_file(path),
-            embed_dim=config.model.clip_dim,
+
+    def fit() -> dict[str, np.ndarray]:
+        z_i, z_t = _training_rows(shards)
+        codec = fit_codec(
+            np.asarray(unit_norm(z_i)),
+            np.asarray(unit_norm(z_t)),
             components=ar.pca_components,
             num_buckets=ar.num_buckets,
+            method=ar.bucketing,
+            clip_quantile=ar.clip_quantile,
         )
-    rows = min(len(shards), STATS_ROWS)
-    pairs = [shards[i] for i in range(rows)]
+        return codec_to_arrays(codec)
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    codec = fit_codec(
-        unit(np.stack([p["img_emb"] for p in pairs])),
-        unit(np.stack([p["text_emb"] for p in pairs])),
+    settings = {"bucketing": ar.bucketing, "clip_quantile": str(ar.clip_quantile)}
+    arrays = fitted_once(
+        CODEC_FILE,
+        fit,
+        workdir=workdir,
+        init_from=config.train.get("init_from", ""),
+        settings=settings,
+    )
+    return codec_from_arrays(
+        arrays,
+        embed_dim=config.model.clip_dim,
         components=ar.pca_components,
         num_buckets=ar.num_buckets,
-        method=ar.bucketing,
-        clip_quantile=ar.clip_quantile,
     )
-    if path and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        save_file(codec_to_arrays(codec), path)
-    return codec
 
 
 def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
@@ -325,8 +403,8 @@ def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) ->
 
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
         codec = frozen["codec"]
-        z_t = _unit(encode(frozen["clip"], batch["input_ids"], batch["text_mask"])["z_t"])
-        z_i = _unit(batch["z_i"])
+        z_t = unit_norm(encode(frozen["clip"], batch["input_ids"], batch["text_mask"])["z_t"])
+        z_i = unit_norm(batch["z_i"])
         tokens = codec_encode(codec, z_i)
         dot = dot_tokens(codec, z_i, z_t).reshape(-1)
         drop_key, dropout_key = jax.random.split(rng)
@@ -369,7 +447,7 @@ def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) ->
         inputs = {
             "input_ids": cond["input_ids"],
             "text_mask": cond["text_mask"],
-            "z_t": _unit(jnp.asarray(cond["z_t"])),
+            "z_t": unit_norm(cond["z_t"]),
         }
         return sampler(params, codec, inputs, key)
 
@@ -389,6 +467,12 @@ def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = N
     train_source = open_shards(
         config.data.embeddings_dir, "data.embeddings_dir", config.model.clip_dim
     )
+    check_shards_come_from(config.data.embeddings_dir, config.clip.dir)
+    if config.kind == "autoregressive":
+        if not config.ar.temperature > 0:
+            raise ConfigError(f"config key 'ar.temperature' is {config.ar.temperature}: > 0")
+        if not 0 < config.ar.top_p <= 1:
+            raise ConfigError(f"config key 'ar.top_p' is {config.ar.top_p}: in (0, 1]")
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     # A host copy in the compute dtype: the loop replicates it on the mesh.
     clip_params = cast_floats(jax.device_get(clip.params), dtype)
