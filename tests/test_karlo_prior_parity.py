@@ -29,10 +29,14 @@ from test_karlo_parity import (  # noqa: E402
 )
 
 from unclip_jax.convert.diffusers_prior import (  # noqa: E402
+    STATS_KEYS,
     CheckpointKeyError,
     params_to_prior,
+    prior_key_to_path,
+    prior_path_to_key,
     prior_to_params,
 )
+from unclip_jax.convert.diffusers_unet import _flatten  # noqa: E402
 from unclip_jax.diffusion import make_schedule, q_sample  # noqa: E402
 from unclip_jax.models.prior import DiffusionPrior, normalize_embedding  # noqa: E402
 
@@ -238,3 +242,36 @@ def test_a_missing_unused_or_misshaped_tensor_is_named(prior_pair, mutate, messa
     mutate(sd)
     with pytest.raises(CheckpointKeyError, match=message):
         prior_to_params(sd, _prior_abstract(ours), source="tiny prior")
+
+
+def test_karlos_full_size_prior_maps_every_tensor():
+    """Karlo's prior config (diffusers' PriorTransformer defaults: 32 heads x 64, 20 layers,
+    768-d embeddings, 77 tokens) against DiffusionPrior(clip_dim=768, width=2048, layers=20,
+    heads=32, text_tokens=77): every tensor maps onto a param of the right shape and back, and
+    every param is covered. Shapes only (a meta-device model and jax.eval_shape): no 4 GB."""
+    with torch.device("meta"):
+        peer = diffusers.PriorTransformer()
+    ours = DiffusionPrior(clip_dim=768, width=2048, layers=20, heads=32, text_tokens=77)
+    abstract = _abstract(
+        ours,
+        jnp.zeros((1, 768)),
+        jnp.zeros((1,)),
+        jnp.zeros((1, 768)),
+        jnp.zeros((1, 77, 768)),
+        jnp.ones((1, 77), bool),
+    )
+    wanted = _flatten(abstract)
+    covered = set()
+    for key, tensor in peer.state_dict().items():
+        shape = tuple(tensor.shape)
+        if key in STATS_KEYS:
+            assert shape == (1, 768), key
+            continue
+        path, transform = prior_key_to_path(key, len(shape))
+        assert path in wanted, key
+        ours_shape = tuple(wanted[path].shape)
+        assert (shape[::-1] if transform == "kernel" else shape) == ours_shape, key
+        assert prior_path_to_key(path, len(ours_shape)) == (key, transform)
+        covered.add(path)
+    assert covered == set(wanted)
+    assert sum(int(np.prod(v.shape)) for v in wanted.values()) == 1_022_028_544
