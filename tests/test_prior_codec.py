@@ -1,13 +1,17 @@
 """The autoregressive prior's embedding codec: PCA, bucket quantisers, the dot-product token."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from configs.prior import get_config
+from unclip_jax.config import load_config
 from unclip_jax.models import prior_codec as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DIM = 32
 # A known spectrum with a clear gap between neighbours (ratio 0.75), from 4 down to ~5e-4.
@@ -309,8 +313,8 @@ def test_codec_round_trip_error_is_pca_plus_at_most_half_a_bucket_per_token():
 
 
 def test_codec_fits_from_the_ar_config():
-    ar = get_config("tiny").ar
-    dim = get_config("tiny").model.clip_dim
+    ar = load_config(f"{ROOT}/configs/prior.py:tiny").ar
+    dim = load_config(f"{ROOT}/configs/prior.py:tiny").model.clip_dim
     zi, zt = _pairs(500, seed=2, dim=dim)
     codec = C.fit_codec(
         zi,
