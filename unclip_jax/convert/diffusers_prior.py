@@ -34,10 +34,9 @@ import numpy as np
 # The U-Net converter's generic pieces (private there, shared here on purpose): the rename of a
 # Linear/bias key, its inverse, the (un)flattening of param trees and the kernel transposes.
 from unclip_jax.convert.diffusers_unet import (
+    _convert,
     _flatten,
     _to_diffusers,
-    _to_ours,
-    _unflatten,
     diffusers_to_path,
     path_to_diffusers,
 )
@@ -137,37 +136,11 @@ def prior_to_params(
     `clip_std` has an entry <= 0.
     """
     source = source or "diffusers prior"
+    tensors = {k: v for k, v in state_dict.items() if k not in STATS_KEYS}
+    params = _convert(tensors, abstract, source, "prior", prior_key_to_path, prior_path_to_key)
     wanted = _flatten(abstract)
-    found: dict[tuple[str, ...], np.ndarray] = {}
-    for key, value in state_dict.items():
-        if key in STATS_KEYS:
-            continue
-        value = np.asarray(value)
-        try:
-            path, transform = prior_key_to_path(key, value.ndim)
-        except CheckpointKeyError as err:
-            raise CheckpointKeyError(f"{source}: {err}") from None
-        if path not in wanted:
-            raise CheckpointKeyError(f"{source}: tensor {key!r} is not used by this prior")
-        target = wanted[path]
-        shape = tuple(target.shape)
-        value = _to_ours(value, transform)
-        if value.shape != shape:
-            raise CheckpointKeyError(
-                f"{source}: tensor {key!r} has shape {_to_diffusers(value, transform).shape}, "
-                f"the prior needs {_to_diffusers(np.zeros(shape), transform).shape}"
-            )
-        dtype = getattr(target, "dtype", None)
-        found[path] = np.ascontiguousarray(
-            value if dtype is None else value.astype(dtype, copy=False)
-        )
-    missing = [prior_path_to_key(p, len(wanted[p].shape))[0] for p in wanted if p not in found]
-    if missing:
-        raise CheckpointKeyError(
-            f"{source}: tensor {missing[0]!r} is missing ({len(missing)} in all)"
-        )
     clip_dim = wanted[("proj_to_clip_embeddings", "bias")].shape[0]
-    return _unflatten(found), _stats(state_dict, clip_dim, source)
+    return params, _stats(state_dict, clip_dim, source)
 
 
 def params_to_prior(

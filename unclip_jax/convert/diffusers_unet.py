@@ -152,14 +152,24 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 
 def _convert(
-    state_dict: Mapping[str, Any], abstract: Mapping[str, Any], source: str, what: str
+    state_dict: Mapping[str, Any],
+    abstract: Mapping[str, Any],
+    source: str,
+    what: str,
+    to_path: Any = None,
+    to_key: Any = None,
 ) -> dict[str, Any]:
+    """Our param tree from a diffusers state dict, by `to_path(key, ndim)` (default: the
+    U-Net's `diffusers_to_path`) and, to name missing tensors, `to_key(path, ndim)` (default
+    `path_to_diffusers`); errors name the first unused, misshaped or missing tensor."""
+    to_path = to_path or diffusers_to_path
+    to_key = to_key or path_to_diffusers
     wanted = _flatten(abstract)
     found: dict[tuple[str, ...], np.ndarray] = {}
     for key, value in state_dict.items():
         value = np.asarray(value)
         try:
-            path, transform = diffusers_to_path(key, value.ndim)
+            path, transform = to_path(key, value.ndim)
         except CheckpointKeyError as err:
             raise CheckpointKeyError(f"{source}: {err}") from None
         if path not in wanted:
@@ -176,7 +186,7 @@ def _convert(
         found[path] = np.ascontiguousarray(
             value if dtype is None else value.astype(dtype, copy=False)
         )
-    missing = [path_to_diffusers(p, len(wanted[p].shape))[0] for p in wanted if p not in found]
+    missing = [to_key(p, len(wanted[p].shape))[0] for p in wanted if p not in found]
     if missing:
         raise CheckpointKeyError(
             f"{source}: tensor {missing[0]!r} is missing ({len(missing)} in all)"
