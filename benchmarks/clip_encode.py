@@ -12,29 +12,17 @@ same run, so the ratio is fair on a shared machine. Needs the `peers` extra for 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from unclip_jax import clip
 from unclip_jax.models.clip import OPENAI_VIT_B32, OPENAI_VIT_L14
 
 SHAPES = {"b32": OPENAI_VIT_B32, "l14": OPENAI_VIT_L14}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,11 +58,13 @@ def main() -> None:
     device_pixels = jax.device_put(pixels)
 
     ours_s = median_seconds(
-        lambda: ours.encode_pixels(device_pixels).block_until_ready(), args.repeats
+        lambda: ours.encode_pixels(device_pixels).block_until_ready(), args.repeats, warmup=True
     )
     # encode_image: uint8 photos of another size, with CLIP's preprocessing on the host.
     photos = np.random.default_rng(1).integers(0, 256, (args.batch, 256, 320, 3), np.uint8)
-    image_s = median_seconds(lambda: ours.encode_image(photos).block_until_ready(), args.repeats)
+    image_s = median_seconds(
+        lambda: ours.encode_image(photos).block_until_ready(), args.repeats, warmup=True
+    )
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     peer = peer.to(args.torch_device, dtype=torch_dtype)
     torch_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(
@@ -87,7 +77,7 @@ def main() -> None:
         if args.torch_device == "cuda":
             torch.cuda.synchronize()
 
-    peer_s = median_seconds(run_peer, args.repeats)
+    peer_s = median_seconds(run_peer, args.repeats, warmup=True)
     print(
         f"ViT-{args.vit.upper()} image tower, batch {args.batch}, {args.dtype}, jax on "
         f"{jax.devices()[0].device_kind}, torch on {args.torch_device} "

@@ -15,24 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from timing import median_seconds
 
 from unclip_jax.models.conv import conv2d
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` (blocked until ready) over `repeats` calls, after one warm-up."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -81,7 +69,9 @@ def main() -> None:
     for _ in range(a.rounds):
         for impl, (fwd, fwd_bwd) in fns.items():
             for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-                t = _median_seconds(lambda fn=fn: fn(kernels, x), a.repeats)
+                t = median_seconds(
+                    lambda fn=fn: jax.block_until_ready(fn(kernels, x)), a.repeats, warmup=True
+                )
                 times.setdefault((impl, name), []).append(t)
     results = {}
     for impl, (_, fwd_bwd) in fns.items():

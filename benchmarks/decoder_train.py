@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import median_seconds
 
 from unclip_jax import diffusion as D
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
@@ -206,15 +207,6 @@ def peer(inputs: dict[str, np.ndarray]) -> tuple[Any, int]:
         opt.step()
 
     return run, sum(p.numel() for p in params)
-
-
-def median_seconds(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import median_seconds
 
 from unclip_jax import diffusion as D
 from unclip_jax.models.prior import DiffusionPrior
@@ -161,15 +162,6 @@ def peer(inputs: dict[str, np.ndarray]) -> tuple[Any, int]:
 
     run.forward_loss = forward_loss  # for --flops
     return run, sum(p.numel() for p in params)
-
-
-def median_seconds(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def report_flops(our_jit: Any, peer_step: Any) -> None:
