@@ -40,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert.hf_clip import CheckpointKeyError
+# The layouts are torch's on both sides (Linear (out, in), Conv2d (O, I, kh, kw)): the same
+# transforms as Hugging Face CLIP's.
+from unclip_jax.convert.hf_clip import (
+    CheckpointKeyError,
+    _flatten,
+    _to_ours,
+    _unflatten,
+)
+from unclip_jax.convert.hf_clip import _to_hf as _to_diffusers
 
 __all__ = [
     "CheckpointKeyError",
@@ -108,47 +116,6 @@ def path_to_diffusers(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
     if leaf == "scale":
         return key, "none"
     return key, "conv" if ndim == 4 else "kernel"
-
-
-def _to_ours(value: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "kernel":
-        return value.T
-    if transform == "conv":
-        return value.transpose(2, 3, 1, 0)
-    return value
-
-
-def _to_diffusers(value: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "kernel":
-        return value.T
-    if transform == "conv":
-        return value.transpose(3, 2, 0, 1)
-    return value
-
-
-def _leaf(value: Any) -> Any:
-    # flax LogicallyPartitioned / Partitioned boxes: take what they hold.
-    return value.unbox() if hasattr(value, "unbox") else value
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, name)))
-        else:
-            out[(*prefix, name)] = _leaf(value)
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _convert(

@@ -73,12 +73,13 @@ def _to_hf(value: np.ndarray, transform: str) -> np.ndarray:
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{path tuple: leaf}; flax's LogicallyPartitioned boxes are opened (their value)."""
     out: dict[tuple[str, ...], Any] = {}
     for name, value in tree.items():
         if isinstance(value, Mapping):
             out.update(_flatten(value, (*prefix, name)))
         else:
-            out[(*prefix, name)] = value
+            out[(*prefix, name)] = value.unbox() if hasattr(value, "unbox") else value
     return out
 
 
