@@ -121,6 +121,30 @@ class TransformerBlock(nn.Module):
         return x + h
 
 
+def drop_caption(text_mask: Array, z_t: Array, drop_text: Array | None) -> tuple[Array, Array]:
+    """(text_mask, z_t) with the rows of `drop_text` (guidance dropout) masked out / zeroed."""
+    text_mask = text_mask.astype(bool)
+    if drop_text is None:
+        return text_mask, z_t
+    drop_text = drop_text.astype(bool)
+    return text_mask & ~drop_text[:, None], jnp.where(drop_text[:, None], 0, z_t)
+
+
+def causal_blocks(
+    parent: nn.Module, h: Array, valid: Array, *, deterministic: bool, last_only: bool = False
+) -> Array:
+    """`parent.layers` causal `TransformerBlock`s (named transformer_blocks_N in `parent`, whose
+    heads, dropout and dtype they take) over h (B, T, W), keys limited to `valid` (B, T); with
+    `last_only` the last block computes the last token alone (B, 1, W). Call it from `parent`'s
+    compact `__call__`."""
+    bias = causal_bias(valid)
+    for i in range(parent.layers):
+        h = TransformerBlock(
+            parent.heads, parent.dropout, parent.dtype, name=f"transformer_blocks_{i}"
+        )(h, bias, deterministic=deterministic, last_only=last_only and i == parent.layers - 1)
+    return h
+
+
 class DiffusionPrior(nn.Module):
     """The diffusion prior's network: (noised z_i, t, z_t, caption states) -> predicted z_i.
 
@@ -157,12 +181,7 @@ class DiffusionPrior(nn.Module):
         if length != self.text_tokens:
             raise ValueError(f"expected {self.text_tokens} caption tokens, got {length}")
         dt, w = self.dtype, self.width
-        text_mask = text_mask.astype(bool)
-        z_t = z_t.astype(dt)
-        if drop_text is not None:
-            drop_text = drop_text.astype(bool)
-            text_mask = text_mask & ~drop_text[:, None]
-            z_t = jnp.where(drop_text[:, None], 0, z_t)
+        text_mask, z_t = drop_caption(text_mask, z_t.astype(dt), drop_text)
 
         temb = TimestepEmbedding(w, dtype=dt, name="time_embedding")(
             timestep_embedding(t, w).astype(dt)
@@ -193,12 +212,8 @@ class DiffusionPrior(nn.Module):
         )
         h = tokens + position.astype(dt)
         valid = jnp.concatenate([text_mask, jnp.ones((b, NUM_EXTRA_TOKENS), bool)], axis=1)
-        bias = causal_bias(valid)
-        for i in range(self.layers):
-            # Only the query's state is read out: the last block computes it alone.
-            h = TransformerBlock(self.heads, self.dropout, dt, name=f"transformer_blocks_{i}")(
-                h, bias, deterministic=deterministic, last_only=i == self.layers - 1
-            )
+        # Only the query's state is read out: the last block computes it alone.
+        h = causal_blocks(self, h, valid, deterministic=deterministic, last_only=True)
         h = layer_norm("norm_out", dt)(h[:, -1])
         return dense(self.clip_dim, ("mlp", "embed"), name="proj_to_clip_embeddings", dtype=dt)(h)
 
@@ -312,12 +327,7 @@ class AutoregressivePrior(nn.Module):
         if tokens.shape[1] != self.num_tokens:
             raise ValueError(f"expected {self.num_tokens} PCA tokens, got {tokens.shape[1]}")
         dt, w = self.dtype, self.width
-        text_mask = text_mask.astype(bool)
-        z_t = z_t.astype(dt)
-        if drop_text is not None:
-            drop_text = drop_text.astype(bool)
-            text_mask = text_mask & ~drop_text[:, None]
-            z_t = jnp.where(drop_text[:, None], 0, z_t)
+        text_mask, z_t = drop_caption(text_mask, z_t.astype(dt), drop_text)
 
         def table(name: str, rows: int) -> nn.Embed:
             return nn.Embed(
@@ -345,11 +355,7 @@ class AutoregressivePrior(nn.Module):
         )
         h = sequence + position.astype(dt)
         valid = jnp.concatenate([text_mask, jnp.ones((b, 1 + self.num_tokens), bool)], axis=1)
-        bias = causal_bias(valid)
-        for i in range(self.layers):
-            h = TransformerBlock(self.heads, self.dropout, dt, name=f"transformer_blocks_{i}")(
-                h, bias, deterministic=deterministic
-            )
+        h = causal_blocks(self, h, valid, deterministic=deterministic)
         h = layer_norm("norm_out", dt)(h[:, length + 1 :])
         # The K-way logits in float32 whatever the compute dtype (a 1024-way softmax).
         logits = dense(self.num_buckets, ("embed", "vocab"), name="to_logits", dtype=jnp.float32)
