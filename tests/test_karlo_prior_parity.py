@@ -36,7 +36,7 @@ from unclip_jax.convert.diffusers_prior import (  # noqa: E402
     prior_path_to_key,
     prior_to_params,
 )
-from unclip_jax.convert.diffusers_unet import _flatten  # noqa: E402
+from unclip_jax.convert.hf_clip import flatten_paths  # noqa: E402
 from unclip_jax.diffusion import make_schedule, q_sample  # noqa: E402
 from unclip_jax.models.prior import DiffusionPrior, normalize_embedding  # noqa: E402
 
@@ -260,7 +260,7 @@ def test_karlos_full_size_prior_maps_every_tensor():
         jnp.zeros((1, 77, 768)),
         jnp.ones((1, 77), bool),
     )
-    wanted = _flatten(abstract)
+    wanted = flatten_paths(abstract)
     covered = set()
     for key, tensor in peer.state_dict().items():
         shape = tuple(tensor.shape)

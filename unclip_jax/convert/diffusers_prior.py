@@ -35,9 +35,9 @@ import numpy as np
 # Linear/bias key, its inverse, the (un)flattening of param trees and the kernel transposes.
 from unclip_jax.convert.diffusers_unet import (
     _convert,
-    _flatten,
     _to_diffusers,
     diffusers_to_path,
+    flatten_paths,
     path_to_diffusers,
 )
 from unclip_jax.convert.hf_clip import CheckpointKeyError
@@ -138,7 +138,7 @@ def prior_to_params(
     source = source or "diffusers prior"
     tensors = {k: v for k, v in state_dict.items() if k not in STATS_KEYS}
     params = _convert(tensors, abstract, source, "prior", prior_key_to_path, prior_path_to_key)
-    wanted = _flatten(abstract)
+    wanted = flatten_paths(abstract)
     clip_dim = wanted[("proj_to_clip_embeddings", "bias")].shape[0]
     return params, _stats(state_dict, clip_dim, source)
 
@@ -155,7 +155,7 @@ def params_to_prior(
     or "sqrt_dim" scaling has no per-dimension statistics to give).
     """
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in flatten_paths(params).items():
         value = np.asarray(value, np.float32)
         key, transform = prior_path_to_key(path, value.ndim)
         out[key] = np.ascontiguousarray(_to_diffusers(value, transform))

@@ -44,9 +44,9 @@ import numpy as np
 # transforms as Hugging Face CLIP's.
 from unclip_jax.convert.hf_clip import (
     CheckpointKeyError,
-    _flatten,
     _to_ours,
-    _unflatten,
+    flatten_paths,
+    unflatten_paths,
 )
 from unclip_jax.convert.hf_clip import _to_hf as _to_diffusers
 
@@ -131,7 +131,7 @@ def _convert(
     `path_to_diffusers`); errors name the first unused, misshaped or missing tensor."""
     to_path = to_path or diffusers_to_path
     to_key = to_key or path_to_diffusers
-    wanted = _flatten(abstract)
+    wanted = flatten_paths(abstract)
     found: dict[tuple[str, ...], np.ndarray] = {}
     for key, value in state_dict.items():
         value = np.asarray(value)
@@ -158,7 +158,7 @@ def _convert(
         raise CheckpointKeyError(
             f"{source}: tensor {missing[0]!r} is missing ({len(missing)} in all)"
         )
-    return _unflatten(found)
+    return unflatten_paths(found)
 
 
 def unet_to_params(
@@ -219,7 +219,7 @@ def params_to_unet(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     `load_state_dict(..., strict=True)` after `torch.from_numpy`.
     """
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in flatten_paths(params).items():
         value = np.asarray(value, np.float32)
         key, transform = path_to_diffusers(path, value.ndim)
         out[key] = np.ascontiguousarray(_to_diffusers(value, transform))

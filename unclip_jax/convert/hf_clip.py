@@ -72,18 +72,21 @@ def _to_hf(value: np.ndarray, transform: str) -> np.ndarray:
     return value
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_paths(
+    tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], Any]:
     """{path tuple: leaf}; flax's LogicallyPartitioned boxes are opened (their value)."""
     out: dict[tuple[str, ...], Any] = {}
     for name, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, name)))
+            out.update(flatten_paths(value, (*prefix, name)))
         else:
             out[(*prefix, name)] = value.unbox() if hasattr(value, "unbox") else value
     return out
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+def unflatten_paths(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """The nested tree of {path tuple: leaf} (the inverse of `flatten_paths`)."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
@@ -101,7 +104,7 @@ def hf_to_params(
     Raises CheckpointKeyError naming a tensor that the model lacks, one the checkpoint lacks,
     or one whose shape differs.
     """
-    wanted = _flatten(expected)
+    wanted = flatten_paths(expected)
     found: dict[tuple[str, ...], np.ndarray] = {}
     for key, value in tensors.items():
         if IGNORED_KEYS.search(key):
@@ -123,13 +126,13 @@ def hf_to_params(
         raise CheckpointKeyError(
             f"{source}: tensor {missing[0]!r} is missing ({len(missing)} in all)"
         )
-    return _unflatten(found)
+    return unflatten_paths(found)
 
 
 def params_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """HF-named tensors (contiguous float32 numpy) from our params, for model.safetensors."""
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in flatten_paths(params).items():
         key, transform = path_to_hf(path)
         out[key] = np.array(
             _to_hf(np.asarray(value, np.float32), transform), order="C"

@@ -34,6 +34,9 @@ from unclip_jax.diffusion.samplers import (
     ddim_invert_step,
     ddim_step,
     ddpm_step,
+    fold_in,
+    is_key_batch,
+    row_normal,
     sample,
 )
 from unclip_jax.diffusion.schedules import (
@@ -64,7 +67,9 @@ __all__ = [
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "eps_to_x0",
+    "fold_in",
     "guided_model_fn",
+    "is_key_batch",
     "linear_betas",
     "make_schedule",
     "model_log_variance",
@@ -76,6 +81,7 @@ __all__ = [
     "q_posterior",
     "q_sample",
     "respace_betas",
+    "row_normal",
     "sample",
     "schedule_from_betas",
     "space_timesteps",

@@ -35,6 +35,31 @@ def _step_index(i: Array, batch: int) -> Array:
     return jnp.full((batch,), i, dtype=jnp.int32)
 
 
+def is_key_batch(key: Array) -> bool:
+    """Whether `key` is a batch of PRNG keys (one per row) rather than one key."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2  # raw uint32 keys: (2,) is one key, (B, 2) a batch
+
+
+def fold_in(key: Array, data: int | Array) -> Array:
+    """`jax.random.fold_in` of one key or of each key of a batch (see `row_normal`)."""
+    if is_key_batch(key):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+    return jax.random.fold_in(key, data)
+
+
+def row_normal(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> Array:
+    """Standard normal noise of `shape`. With a batch of keys (one per row of `shape`), row r
+    is drawn from key r alone: a sample then does not depend on which batch, device or
+    process it was drawn in, only on its own key."""
+    if not is_key_batch(key):
+        return jax.random.normal(key, shape, dtype)
+    if key.shape[0] != shape[0]:
+        raise ValueError(f"{key.shape[0]} keys for a batch of {shape[0]} rows")
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
+
+
 def ddpm_step(
     *,
     output: Array,
@@ -124,8 +149,9 @@ def sample(
 ) -> Array:
     """Runs the reverse process from x_T (step N-1) to x0 with DDPM or DDIM.
 
-    `key` drives the per-step noise (folded in by step); it may be None only for the
-    deterministic DDIM with eta = 0, which is the decode of `ddim_invert`.
+    `key` drives the per-step noise (folded in by step): one key, or one per row (each row's
+    noise from its own key, `row_normal`); it may be None only for the deterministic DDIM with
+    eta = 0, which is the decode of `ddim_invert`.
     """
     check_choice("sampling method", method, METHODS)
     stochastic = method == "ddpm" or eta != 0.0
@@ -138,11 +164,7 @@ def sample(
         step = num_steps - 1 - i
         t = _step_index(step, batch)
         output = model_fn(x, sched.timesteps[t])
-        noise = (
-            jax.random.normal(jax.random.fold_in(key, step), x.shape, x.dtype)
-            if stochastic
-            else None
-        )
+        noise = row_normal(fold_in(key, step), x.shape, x.dtype) if stochastic else None
         kwargs = dict(
             output=output,
             x_t=x,

@@ -1,4 +1,5 @@
-"""Model config blocks (`configs/decoder.py`, `configs/upsampler.py`) -> Flax modules.
+"""Model config blocks (`configs/decoder.py`, `configs/upsampler.py`, `configs/prior.py`) ->
+Flax modules.
 
 One place turns a config's `model` block into a module and dummy inputs of its sizes, so the
 training stages, the samplers, the parameter counts and the tests build the same thing.
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from unclip_jax.config import CHOICES
 from unclip_jax.models.clip import TextConfig, TextTransformer
+from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior
 from unclip_jax.models.unet import Decoder, DecoderConditioning, UNet
 
 Array = jax.Array
@@ -124,6 +126,57 @@ def upsampler_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[s
     """Zero inputs of the upsampler's full training size, as keyword args."""
     res = model["resolution"]
     return dict(x=jnp.zeros((batch, res, res, 6)), t=jnp.zeros((batch,)))
+
+
+def prior_from_config(
+    config: Mapping[str, Any], *, vocab_size: int, dtype: Any = jnp.float32
+) -> DiffusionPrior | AutoregressivePrior:
+    """The prior of a `configs/prior.py` config (its `kind`, `model` and `ar` blocks);
+    `vocab_size` is the CLIP tokenizer's (the AR prior embeds the caption's ids itself)."""
+    model = config["model"]
+    common = dict(
+        width=model["width"],
+        layers=model["layers"],
+        heads=model["heads"],
+        text_tokens=model["text_tokens"],
+        dropout=model["dropout"],
+        dtype=dtype,
+    )
+    if config["kind"] == "diffusion":
+        return DiffusionPrior(clip_dim=model["clip_dim"], **common)
+    if config["kind"] == "autoregressive":
+        ar = config["ar"]
+        return AutoregressivePrior(
+            vocab_size=vocab_size,
+            num_buckets=ar["num_buckets"],
+            num_tokens=ar["pca_components"],
+            **common,
+        )
+    raise ValueError(f"prior kind {config['kind']!r}: valid: diffusion, autoregressive")
+
+
+def prior_example_inputs(
+    config: Mapping[str, Any], *, text_width: int, batch: int = 1
+) -> dict[str, Array]:
+    """Zero inputs of the prior's sizes as keyword args; `text_width` is the CLIP text
+    tower's (the diffusion prior reads its token states)."""
+    model = config["model"]
+    b, d, length = batch, model["clip_dim"], model["text_tokens"]
+    if config["kind"] == "diffusion":
+        return dict(
+            x_t=jnp.zeros((b, d)),
+            t=jnp.zeros((b,)),
+            z_t=jnp.zeros((b, d)),
+            text_states=jnp.zeros((b, length, text_width)),
+            text_mask=jnp.ones((b, length), bool),
+        )
+    return dict(
+        input_ids=jnp.zeros((b, length), jnp.int32),
+        text_mask=jnp.ones((b, length), bool),
+        z_t=jnp.zeros((b, d)),
+        dot=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.zeros((b, config["ar"]["pca_components"]), jnp.int32),
+    )
 
 
 def init_module(module: Any, inputs: Mapping[str, Array], rng: Array) -> Any:

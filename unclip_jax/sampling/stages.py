@@ -7,6 +7,7 @@ compiled once per input shape, so a training hook and a sampling job run the sam
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax import diffusion as D
-from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior
+from unclip_jax.models.clip import CLIP
+from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior, unit_norm
 from unclip_jax.models.unet import Decoder, UNet, upsampler_input
 
 Array = jax.Array
@@ -46,66 +48,173 @@ def _sample(
     )
 
 
+def decoder_conditioning(
+    clip_model: CLIP, *, text_encoder: str, unit_z_i: bool
+) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
+    """`encode(clip_params, batch) -> cond`: the decoder's conditioning from a frozen CLIP.
+
+    `batch` holds `input_ids` and `text_mask` (the caption, tokenized at the decoder's
+    text_tokens) and either `clip_pixels` (CLIP-preprocessed images, encoded here) or `z_i`
+    (an embedding already, e.g. a prior's sample); z_i is scaled to unit norm when
+    `unit_z_i`, the priors' output space. A decoder with its own caption transformer reads
+    `input_ids`; one on CLIP's text (Karlo's) reads the text tower's `text_embeds` and
+    `text_states`.
+    """
+
+    def encode(clip_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
+        variables = {"params": clip_params}
+        z_i = batch.get("z_i")
+        if z_i is None:
+            z_i = clip_model.apply(variables, batch["clip_pixels"], method="encode_image")
+        if unit_z_i:
+            z_i = unit_norm(z_i)
+        cond = {"z_i": z_i, "text_mask": batch["text_mask"]}
+        if text_encoder == "transformer":
+            cond["input_ids"] = batch["input_ids"]
+        else:
+            mask = batch["text_mask"].astype(jnp.int32)
+            cond["text_embeds"], cond["text_states"] = clip_model.apply(
+                variables, batch["input_ids"], mask, method="encode_text_and_states"
+            )
+        return cond
+
+    return encode
+
+
+def prior_text_conditioning(
+    clip_model: CLIP,
+) -> Callable[[Any, Array, Array], dict[str, Array]]:
+    """`encode(clip_params, input_ids, text_mask) -> {"z_t", "text_states", "text_mask"}`:
+    the priors' conditioning, from one pass of the frozen CLIP's text tower."""
+
+    def encode(clip_params: Any, input_ids: Array, text_mask: Array) -> dict[str, Array]:
+        z_t, states = clip_model.apply(
+            {"params": clip_params},
+            input_ids,
+            text_mask.astype(jnp.int32),
+            method="encode_text_and_states",
+        )
+        return {"z_t": z_t, "text_states": states, "text_mask": text_mask}
+
+    return encode
+
+
+def split_key(key: Array) -> tuple[Array, Array]:
+    """Two independent keys (or batches of keys, row by row) from one key or one per row."""
+    return D.fold_in(key, 0), D.fold_in(key, 1)
+
+
+def _decoder_model_fn(
+    decoder: Decoder, params: Any, cond: Mapping[str, Array], *, scale: float, variance: str
+) -> Callable[[Array, Array], Array]:
+    """The decoder as the samplers' `model_fn(x, t)` on `cond`, guided when scale != 1.
+
+    `cond` may hold a per-row `drop_text` (bool): those rows are conditioned on z_i alone
+    (image variations, inversion). With guidance the unconditional half has z_i replaced by
+    the learned null embedding and the caption dropped, as guidance training dropped them.
+    """
+    cond = dict(cond)
+    batch = cond["z_i"].shape[0]
+    drop_text = cond.pop("drop_text", None)
+
+    def apply(x: Array, t: Array, c: Mapping[str, Array]) -> Array:
+        c = dict(c)
+        drop_image, drop = c.pop("drop_image", None), c.pop("drop_text", None)
+        return decoder.apply(
+            {"params": params},
+            x,
+            t,
+            drop_image=drop_image,
+            drop_text=drop,
+            deterministic=True,
+            **c,
+        ).astype(jnp.float32)
+
+    if drop_text is None:
+        drop_text = jnp.zeros((batch,), bool)
+    if scale == 1.0:
+        return lambda x, t: apply(x, t, {**cond, "drop_text": drop_text})
+    kept = {**cond, "drop_image": jnp.zeros((batch,), bool), "drop_text": drop_text}
+    dropped = {
+        **cond,
+        "drop_image": jnp.ones((batch,), bool),
+        "drop_text": jnp.ones((batch,), bool),
+    }
+    return D.guided_model_fn(apply, cond=kept, uncond=dropped, scale=scale, variance=variance)
+
+
 def decoder_sampler(
     decoder: Decoder,
     diffusion: Mapping[str, Any],
     sampling: Mapping[str, Any],
     *,
     resolution: int,
-) -> Callable[[Any, Mapping[str, Array], Array], Array]:
-    """`fn(params, cond, key) -> (B, resolution, resolution, 3)` images in [-1, 1].
+) -> Callable[..., Array]:
+    """`fn(params, cond, key, x_T=None) -> (B, resolution, resolution, 3)` images in [-1, 1].
 
     `cond` holds the decoder's conditioning, batch first: `z_i`, `text_mask`, and `input_ids`
-    (a decoder with its own caption transformer) or `text_embeds` + `text_states` (CLIP's).
-    With `sampling.guidance_scale` s != 1 the model runs on [cond; uncond] in one batch, the
+    (a decoder with its own caption transformer) or `text_embeds` + `text_states` (CLIP's),
+    and optionally `drop_text` (B,) bool to condition rows on z_i alone. With
+    `sampling.guidance_scale` s != 1 the model runs on [cond; uncond] in one batch, the
     unconditional half with z_i replaced by the learned null embedding and the caption dropped
     (how guidance training dropped them), and the prediction is s cond + (1 - s) uncond.
+    `key` is one key or one per row (each row's noise then comes from its own key alone); x_T
+    (e.g. a DDIM inversion) replaces the noise the sampler would start from.
     """
     scale = float(sampling["guidance_scale"])
     variance = diffusion["variance"]
 
-    def model_fn(params: Any, x: Array, t: Array, c: Mapping[str, Array]) -> Array:
-        c = dict(c)
-        drop_image, drop_text = c.pop("drop_image", None), c.pop("drop_text", None)
-        return decoder.apply(
-            {"params": params},
-            x,
-            t,
-            drop_image=drop_image,
-            drop_text=drop_text,
-            deterministic=True,
-            **c,
-        ).astype(jnp.float32)
-
     @jax.jit
-    def fn(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
+    def fn(params: Any, cond: Mapping[str, Array], key: Array, x_T: Array | None = None) -> Array:
         batch = cond["z_i"].shape[0]
-        noise_key, loop_key = jax.random.split(key)
-        x_T = jax.random.normal(noise_key, (batch, resolution, resolution, 3))
-        if scale == 1.0:
-            return _sample(
-                lambda x, t: model_fn(params, x, t, cond), x_T, loop_key, diffusion, sampling
-            )
-        kept = {
-            **cond,
-            "drop_image": jnp.zeros((batch,), bool),
-            "drop_text": jnp.zeros((batch,), bool),
-        }
-        dropped = {
-            **cond,
-            "drop_image": jnp.ones((batch,), bool),
-            "drop_text": jnp.ones((batch,), bool),
-        }
-        guided = D.guided_model_fn(
-            lambda x, t, c: model_fn(params, x, t, c),
-            cond=kept,
-            uncond=dropped,
-            scale=scale,
-            variance=variance,
-        )
-        return _sample(guided, x_T, loop_key, diffusion, sampling)
+        noise_key, loop_key = split_key(key)
+        if x_T is None:
+            x_T = D.row_normal(noise_key, (batch, resolution, resolution, 3))
+        model_fn = _decoder_model_fn(decoder, params, cond, scale=scale, variance=variance)
+        return _sample(model_fn, x_T, loop_key, diffusion, sampling)
 
     return fn
+
+
+def decoder_inverter(
+    decoder: Decoder,
+    diffusion: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+    *,
+    fixed_point_iters: int = 3,
+) -> Callable[[Any, Mapping[str, Array], Array], Array]:
+    """`fn(params, cond, x0) -> x_T`: DDIM inversion of images x0 (B, H, W, 3) in [-1, 1]
+    through the decoder on `cond` (as `decoder_sampler` takes it, guided the same way).
+
+    Decoding x_T with `decoder_sampler` under the same settings with method "ddim", eta 0 and
+    no x0 clipping reconstructs x0 (`inversion_sampling` gives those settings); the
+    fixed-point refinement of each step (`diffusion.ddim_invert`) makes it exact up to the
+    iteration's convergence.
+    """
+    scale = float(sampling["guidance_scale"])
+    sched = sampling_schedule(diffusion, sampling)
+
+    @jax.jit
+    def fn(params: Any, cond: Mapping[str, Array], x0: Array) -> Array:
+        model_fn = _decoder_model_fn(
+            decoder, params, cond, scale=scale, variance=diffusion["variance"]
+        )
+        return D.ddim_invert(
+            model_fn=model_fn,
+            sched=sched,
+            x0=x0.astype(jnp.float32),
+            prediction=diffusion["prediction"],
+            variance=diffusion["variance"],
+            fixed_point_iters=fixed_point_iters,
+        )
+
+    return fn
+
+
+def inversion_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """`sampling` made deterministic and invertible: DDIM, eta 0, no x0 clipping or
+    thresholding (the decode that maps a DDIM inversion back to its image)."""
+    return {**sampling, "method": "ddim", "eta": 0.0, "clip_x0": 0.0, "dynamic_threshold": 0.0}
 
 
 def upsampler_sampler(
@@ -119,14 +228,14 @@ def upsampler_sampler(
 
     `low_res` (B, h, w, 3) in [-1, 1] is resized to the output size and concatenated to x_t
     at every step (`upsampler_input`); having no attention the U-Net runs on the whole image
-    whatever crop size it trained on.
+    whatever crop size it trained on. `key` is one key or one per row.
     """
 
     @jax.jit
     def fn(params: Any, low_res: Array, key: Array) -> Array:
         b, h, w, c = low_res.shape
-        noise_key, loop_key = jax.random.split(key)
-        x_T = jax.random.normal(noise_key, (b, scale * h, scale * w, c))
+        noise_key, loop_key = split_key(key)
+        x_T = D.row_normal(noise_key, (b, scale * h, scale * w, c))
 
         def model_fn(x: Array, t: Array) -> Array:
             out = unet.apply({"params": params}, upsampler_input(x, low_res), t)
@@ -159,7 +268,7 @@ def prior_sampler(
     gets `num_candidates` samples (guided with `sampling.guidance_scale`, the unconditional half
     with the text dropped), `decode` maps them from the diffusion space back to CLIP's (see
     `models.prior.denormalize_embedding`), and the one with the largest dot product with z_t
-    is kept.
+    is kept. `key` is one key or one per caption.
     """
     scale = float(sampling["guidance_scale"])
     k = int(num_candidates)
@@ -183,8 +292,13 @@ def prior_sampler(
     def fn(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
         b = cond["z_t"].shape[0]
         repeated = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), dict(cond))
-        noise_key, loop_key = jax.random.split(key)
-        x_T = jax.random.normal(noise_key, (b * k, prior.clip_dim))
+        if D.is_key_batch(key):  # row r's K candidates from key r alone
+            key = jax.vmap(
+                lambda row: jax.vmap(lambda j: jax.random.fold_in(row, j))(jnp.arange(k))
+            )(key)
+            key = key.reshape(b * k)
+        noise_key, loop_key = split_key(key)
+        x_T = D.row_normal(noise_key, (b * k, prior.clip_dim))
         if scale == 1.0:
             x0 = _sample(
                 lambda x, t: model_fn(params, x, t, repeated), x_T, loop_key, diffusion, sampling
@@ -221,6 +335,13 @@ def top_p_logits(logits: Array, top_p: float) -> Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
+def _categorical(key: Array, logits: Array) -> Array:
+    """A draw per row of logits (B, V), from one key or from each row's own key."""
+    if D.is_key_batch(key):
+        return jax.vmap(jax.random.categorical)(key, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
 def ar_prior_sampler(
     prior: AutoregressivePrior,
     *,
@@ -240,8 +361,8 @@ def ar_prior_sampler(
     (`fn.tokens(params, codec, cond, key)` gives the (dot, tokens) drawn, before decoding)
     (the PCA was fitted on unit-norm z_i; truncation and quantisation shrink the norm). Each
     step reruns the whole prefix (no key/value cache): d forward passes of the full sequence.
+    `key` is one key or one per caption.
     """
-    from unclip_jax.models.prior import unit_norm
     from unclip_jax.models.prior_codec import codec_decode, sample_dot_tokens
 
     if not temperature > 0:
@@ -273,14 +394,18 @@ def ar_prior_sampler(
         params: Any, codec: Any, cond: Mapping[str, Array], key: Array
     ) -> tuple[Array, Array]:
         b = cond["z_t"].shape[0]
-        dot_key, loop_key = jax.random.split(key)
-        dot = sample_dot_tokens(codec.dot, dot_key, (b,), percentile=dot_percentile)
+        dot_key, loop_key = split_key(key)
+        if D.is_key_batch(key):
+            draw = functools.partial(sample_dot_tokens, codec.dot, percentile=dot_percentile)
+            dot = jax.vmap(draw)(dot_key)
+        else:
+            dot = sample_dot_tokens(codec.dot, dot_key, (b,), percentile=dot_percentile)
         dot = dot.reshape(b).astype(jnp.int32)
 
         def body(j: Array, tokens: Array) -> Array:
             logits = logits_at(params, cond, dot, tokens, j) / temperature
             logits = top_p_logits(logits, top_p)
-            token = jax.random.categorical(jax.random.fold_in(loop_key, j), logits, axis=-1)
+            token = _categorical(D.fold_in(loop_key, j), logits)
             return tokens.at[:, j].set(token.astype(jnp.int32))
 
         return dot, jax.lax.fori_loop(0, d, body, jnp.zeros((b, d), jnp.int32))

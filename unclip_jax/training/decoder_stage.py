@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -29,7 +28,7 @@ from unclip_jax.data.pipeline import dataset_spec, open_dataset
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
 from unclip_jax.models.clip import CLIP
 from unclip_jax.parallel import replicate
-from unclip_jax.sampling.stages import decoder_sampler
+from unclip_jax.sampling.stages import decoder_conditioning, decoder_sampler
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import write_sample_grid
 from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
@@ -113,28 +112,6 @@ def decoder_transform(clip: PretrainedClip, resolution: int, text_tokens: int) -
     return transform
 
 
-def _conditioning_fn(clip_model: CLIP, text_encoder: str, unit_z_i: bool) -> Any:
-    """`encode(clip_params, batch) -> cond`: the decoder's conditioning from the frozen CLIP
-    (z_i scaled to unit norm when `unit_z_i`, the priors' output space)."""
-
-    def encode(clip_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
-        variables = {"params": clip_params}
-        z_i = clip_model.apply(variables, batch["clip_pixels"], method="encode_image")
-        if unit_z_i:
-            z_i = z_i / jnp.linalg.norm(z_i, axis=-1, keepdims=True).clip(1e-6)
-        cond = {"z_i": z_i, "text_mask": batch["text_mask"]}
-        if text_encoder == "transformer":
-            cond["input_ids"] = batch["input_ids"]
-        else:
-            mask = batch["text_mask"].astype(jnp.int32)
-            cond["text_embeds"], cond["text_states"] = clip_model.apply(
-                variables, batch["input_ids"], mask, method="encode_text_and_states"
-            )
-        return cond
-
-    return encode
-
-
 def _sample_hook(
     config: ml_collections.ConfigDict,
     decoder: Any,
@@ -178,8 +155,10 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     model_config = config.model.to_dict()
     decoder = decoder_from_config(model_config, dtype=dtype, eos_token_id=clip.tokenizer.eos_id)
     clip_model = CLIP(clip.config, dtype=dtype)
-    encode = _conditioning_fn(
-        clip_model, model_config["text_encoder"], model_config.get("unit_z_i", True)
+    encode = decoder_conditioning(
+        clip_model,
+        text_encoder=model_config["text_encoder"],
+        unit_z_i=model_config.get("unit_z_i", True),
     )
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     guidance = config.guidance

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from unclip_jax.convert.hf_clip import unflatten_paths
 from unclip_jax.training.checkpoint import (
     checkpoint_manager,
     param_paths,
@@ -19,6 +20,11 @@ from unclip_jax.training.checkpoint import (
 def flatten_params(params: dict) -> dict[str, np.ndarray]:
     """{'a/b/kernel': array}: param paths joined by '/', every param once, on the host."""
     return {name: np.asarray(jax.device_get(leaf)) for name, leaf in param_paths(params).items()}
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    """The params tree of a `flatten_params` dict (paths split at '/')."""
+    return unflatten_paths({tuple(name.split("/")): value for name, value in flat.items()})
 
 
 def export_params(workdir: str, out: str, *, step: int | None = None, ema: bool = False) -> int:

@@ -40,10 +40,9 @@ from unclip_jax.clip import PretrainedClip
 from unclip_jax.config import ConfigError
 from unclip_jax.data.embeddings import EmbeddingShards
 from unclip_jax.embed_job import clip_digest, read_manifest
+from unclip_jax.models.builders import init_module, prior_example_inputs, prior_from_config
 from unclip_jax.models.clip import CLIP
 from unclip_jax.models.prior import (
-    AutoregressivePrior,
-    DiffusionPrior,
     denormalize_embedding,
     fit_embedding_stats,
     normalize_embedding,
@@ -58,7 +57,7 @@ from unclip_jax.models.prior_codec import (
     fit_codec,
 )
 from unclip_jax.parallel import replicate
-from unclip_jax.sampling.stages import ar_prior_sampler, prior_sampler
+from unclip_jax.sampling.stages import ar_prior_sampler, prior_sampler, prior_text_conditioning
 from unclip_jax.training.decoder_stage import load_frozen_clip
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import gather_to_host
@@ -202,19 +201,6 @@ def prior_transform(clip: PretrainedClip) -> Any:
     return transform
 
 
-def _text_conditioning(clip_model: CLIP) -> Any:
-    def encode(clip_params: Any, input_ids: Array, text_mask: Array) -> dict[str, Array]:
-        z_t, states = clip_model.apply(
-            {"params": clip_params},
-            input_ids,
-            text_mask.astype(jnp.int32),
-            method="encode_text_and_states",
-        )
-        return {"z_t": z_t, "text_states": states, "text_mask": text_mask}
-
-    return encode
-
-
 def prior_scores(sampled: np.ndarray, true_z_i: np.ndarray, z_t: np.ndarray) -> dict[str, float]:
     """The evaluation of sampled z_i (N, D) against the true ones and the captions' z_t.
 
@@ -282,17 +268,8 @@ def _eval_hook(
 
 def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
     """init, loss, sampler and frozen extras of the diffusion prior."""
-    model = config.model
     stats = embedding_stats(config, train_source, workdir)
-    prior = DiffusionPrior(
-        clip_dim=model.clip_dim,
-        width=model.width,
-        layers=model.layers,
-        heads=model.heads,
-        text_tokens=model.text_tokens,
-        dropout=model.dropout,
-        dtype=dtype,
-    )
+    prior = prior_from_config(config, vocab_size=clip.config.text.vocab_size, dtype=dtype)
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     emb = config.embedding
     drop_prob = config.guidance.cond_drop_prob
@@ -320,17 +297,11 @@ def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict
 
         return denoising_loss(apply, x0, diffusion_key, sched=sched, diffusion=config.diffusion)
 
-    def init_params(rng: Array) -> Any:
-        b, d, length = 1, model.clip_dim, model.text_tokens
-        width = clip.config.text.hidden_size
-        return prior.init(
-            rng,
-            jnp.zeros((b, d)),
-            jnp.zeros((b,)),
-            jnp.zeros((b, d)),
-            jnp.zeros((b, length, width)),
-            jnp.ones((b, length), bool),
-        )["params"]
+    init_params = functools.partial(
+        init_module,
+        prior,
+        prior_example_inputs(config, text_width=clip.config.text.hidden_size),
+    )
 
     decode = functools.partial(
         denormalize_embedding, method=emb.normalization, scale=emb.embed_scale, stats=stats
@@ -386,19 +357,9 @@ def prior_codec(
 
 def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
     """init, loss, sampler and frozen extras of the autoregressive prior."""
-    model, ar = config.model, config.ar
+    ar = config.ar
     codec = jax.tree.map(np.asarray, prior_codec(config, train_source, workdir))
-    prior = AutoregressivePrior(
-        vocab_size=clip.config.text.vocab_size,
-        num_buckets=ar.num_buckets,
-        num_tokens=ar.pca_components,
-        width=model.width,
-        layers=model.layers,
-        heads=model.heads,
-        text_tokens=model.text_tokens,
-        dropout=model.dropout,
-        dtype=dtype,
-    )
+    prior = prior_from_config(config, vocab_size=clip.config.text.vocab_size, dtype=dtype)
     drop_prob = config.guidance.cond_drop_prob
 
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
@@ -424,16 +385,11 @@ def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) ->
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == tokens)
         return jnp.mean(nll), {"token_accuracy": accuracy}
 
-    def init_params(rng: Array) -> Any:
-        b, length, d = 1, model.text_tokens, ar.pca_components
-        return prior.init(
-            rng,
-            jnp.zeros((b, length), jnp.int32),
-            jnp.ones((b, length), bool),
-            jnp.zeros((b, model.clip_dim)),
-            jnp.zeros((b,), jnp.int32),
-            jnp.zeros((b, d), jnp.int32),
-        )["params"]
+    init_params = functools.partial(
+        init_module,
+        prior,
+        prior_example_inputs(config, text_width=clip.config.text.hidden_size),
+    )
 
     sampler = ar_prior_sampler(
         prior,
@@ -476,7 +432,7 @@ def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = N
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     # A host copy in the compute dtype: the loop replicates it on the mesh.
     clip_params = cast_floats(jax.device_get(clip.params), dtype)
-    encode = _text_conditioning(CLIP(clip.config, dtype=dtype))
+    encode = prior_text_conditioning(CLIP(clip.config, dtype=dtype))
     build = _diffusion_parts if config.kind == "diffusion" else _autoregressive_parts
     parts = build(config, clip, train_source, workdir, encode, dtype)
     hooks = []
