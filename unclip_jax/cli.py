@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from unclip_jax.config import (
     ConfigError,
@@ -108,6 +109,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
 CPU_XLA_FLAGS: dict[str, tuple[str, ...]] = {
     "decoder": ("--xla_cpu_experimental_ynn_fusion_type=",),
     "upsampler": ("--xla_cpu_experimental_ynn_fusion_type=",),
+    "sample": ("--xla_cpu_experimental_ynn_fusion_type=",),  # the cascade's time is U-Nets'
 }
 
 
@@ -307,6 +309,196 @@ def _run_embed(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _add_cascade_args(parser: argparse.ArgumentParser, *, seed_help: str) -> None:
+    """The trained stages to sample with and how (shared by sample, vary, interpolate and
+    textdiff)."""
+    parser.add_argument(
+        "--pipeline",
+        required=True,
+        nargs="+",
+        metavar="FILE|DIR",
+        help="a pipeline JSON file naming the clip, prior(s), decoder and upsamplers, or the "
+        "stages' workdirs / stage directories themselves",
+    )
+    parser.add_argument("--out", required=True, help="the folder the images go to")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument(
+        "--prior", default=None, help="which prior of the pipeline (default: its first)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="change a sampling setting, e.g. decoder.guidance_scale=3, prior.steps=ddim25, "
+        "prior.num_candidates=4, upsampler.steps=ddim7, decoder.method=ddim, decoder.eta=0.5 "
+        "(repeatable; defaults: each stage's config)",
+    )
+    parser.add_argument(
+        "--raw-params", action="store_true", help="sample with the params, not the EMA params"
+    )
+    parser.add_argument(
+        "--fsdp",
+        type=int,
+        default=1,
+        help="shard the params over this many devices (models too large for one device's "
+        "memory); the batch is split over all devices either way",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="XLA's persistent compilation cache, so a second run does not compile again "
+        "(default: $UNCLIP_JAX_CACHE or ~/.cache/unclip-jax/jax; 'off' disables it)",
+    )
+
+
+def _set_compile_cache(path: str | None) -> None:
+    import os
+
+    import jax
+
+    if path == "off":
+        return
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+        path = os.environ.get("UNCLIP_JAX_CACHE") or os.path.join(base, "unclip-jax", "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _open_cascade(args: argparse.Namespace) -> Any:
+    import jax
+
+    from unclip_jax.parallel import make_mesh
+    from unclip_jax.sampling.cascade import Cascade, parse_settings, read_pipeline
+
+    settings = parse_settings(args.set)
+    spec = read_pipeline(args.pipeline)
+    if jax.device_count() % args.fsdp:
+        raise ConfigError(f"--fsdp {args.fsdp} does not divide the {jax.device_count()} devices")
+    mesh = make_mesh({"data": -1, "fsdp": args.fsdp})
+    return Cascade(spec, prior=args.prior, settings=settings, mesh=mesh, ema=not args.raw_params)
+
+
+def _cascade_errors() -> tuple[type[BaseException], ...]:
+    from unclip_jax.convert.hf_clip import CheckpointKeyError
+
+    return (FileNotFoundError, ValueError, CheckpointKeyError)
+
+
+def _add_sample_args(parser: argparse.ArgumentParser) -> None:
+    _add_cascade_args(parser, seed_help="image (p, j) of a seed is the same in every run")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a caption (repeatable)")
+    prompts.add_argument("--prompt-file", help="one caption per line (any number)")
+    parser.add_argument("--n", type=int, default=4, help="images per prompt")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per global batch (default: 4 per device of the batch axes)",
+    )
+    _add_distributed_args(parser)
+
+
+def _run_sample(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import logging
+
+    from unclip_jax.sampling.generate import generate_to_dir, read_prompts
+
+    if overrides:
+        raise ConfigError("sample takes no --config overrides; use --set STAGE.KEY=VALUE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _set_cpu_xla_flags("sample")
+    _start_distributed(args)
+    _set_compile_cache(args.compile_cache)
+    try:
+        prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+        cascade = _open_cascade(args)
+        report = generate_to_dir(
+            cascade, prompts, args.out, n=args.n, seed=args.seed, batch_size=args.batch_size
+        )
+    except _cascade_errors() as err:
+        print(f"unclip-jax sample: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.written} images to {args.out} ({report.skipped} were there already)")
+    return 0
+
+
+def _add_vary_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    _add_cascade_args(parser, seed_help="the variations' noise")
+    parser.add_argument("--n", type=int, default=4, help="variations per image")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0 for variety)")
+
+
+def _add_interpolate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs=2, metavar="IMAGE", help="the two ends, A and B")
+    _add_cascade_args(parser, seed_help="the upsamplers' noise (and x_T with --noise fixed)")
+    parser.add_argument("--steps", type=int, default=8, help="frames, A and B included")
+    parser.add_argument(
+        "--noise",
+        choices=("slerp", "fixed"),
+        default="slerp",
+        help="x_T slerped between the two images' DDIM inversions, or one random x_T",
+    )
+
+
+def _add_textdiff_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE")
+    _add_cascade_args(parser, seed_help="the upsamplers' noise")
+    parser.add_argument("--from", dest="source", required=True, help="a caption of the image")
+    parser.add_argument("--to", dest="target", required=True, help="the caption to move to")
+    parser.add_argument("--steps", type=int, default=6, help="frames, the image included")
+    parser.add_argument(
+        "--max-theta", type=float, default=0.5, help="how far towards the text diff (0..1)"
+    )
+
+
+def _run_manipulation(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import os
+
+    from unclip_jax.sampling import manipulate
+
+    if overrides:
+        raise ConfigError(f"{args.command} takes no --config overrides; use --set")
+    _set_cpu_xla_flags("sample")
+    _set_compile_cache(args.compile_cache)
+    try:
+        cascade = _open_cascade(args)
+        if args.command == "vary":
+            images = manipulate.load_images(args.images)
+            frames = manipulate.variations(cascade, images, n=args.n, seed=args.seed, eta=args.eta)
+            written = []
+            for path, strip in zip(args.images, frames, strict=True):
+                stem = os.path.splitext(os.path.basename(path))[0]
+                written += manipulate.write_strip(strip, args.out, stem)[:1]
+        elif args.command == "interpolate":
+            a, b = manipulate.load_images(args.images)
+            frames = manipulate.interpolate(
+                cascade, a, b, steps=args.steps, noise=args.noise, seed=args.seed
+            )
+            written = manipulate.write_strip(frames, args.out, "interpolate")[:1]
+        else:
+            (image,) = manipulate.load_images([args.image])
+            frames = manipulate.text_diff(
+                cascade,
+                image,
+                source=args.source,
+                target=args.target,
+                steps=args.steps,
+                max_theta=args.max_theta,
+                seed=args.seed,
+            )
+            written = manipulate.write_strip(frames, args.out, "textdiff")[:1]
+    except _cascade_errors() as err:
+        print(f"unclip-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(written)} and the single frames")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="config",
@@ -331,6 +523,30 @@ COMMANDS: tuple[Command, ...] = (
         help="embed a dataset with a CLIP into clip-retrieval shards (resumable)",
         add_args=_add_embed_args,
         run=_run_embed,
+    ),
+    Command(
+        name="sample",
+        help="text to images through the cascade, sharded over every device (resumable)",
+        add_args=_add_sample_args,
+        run=_run_sample,
+    ),
+    Command(
+        name="vary",
+        help="variations of images: their CLIP embedding decoded with DDIM eta > 0",
+        add_args=_add_vary_args,
+        run=_run_manipulation,
+    ),
+    Command(
+        name="interpolate",
+        help="frames between two images: slerp of z_i, x_T from their DDIM inversions",
+        add_args=_add_interpolate_args,
+        run=_run_manipulation,
+    ),
+    Command(
+        name="textdiff",
+        help="move an image along a caption change: slerp of z_i towards z_t(to) - z_t(from)",
+        add_args=_add_textdiff_args,
+        run=_run_manipulation,
     ),
     Command(
         name="export",

@@ -127,7 +127,10 @@ def ddim_step(
     one_minus_prev = extract(sched.one_minus_alphas_cumprod_prev, t, x_t)
     beta = extract(sched.betas, t, x_t)  # 1 - abar / abar_prev of the (respaced) chain
     sigma = eta * jnp.sqrt(one_minus_prev / one_minus) * jnp.sqrt(beta)
-    x_prev = jnp.sqrt(abar_prev) * out["x0"] + jnp.sqrt(one_minus_prev - sigma**2) * out["eps"]
+    # 1 - abar_prev - sigma^2 = (1 - abar_prev)(1 - eta^2 beta / (1 - abar)) >= 0; at eta = 1
+    # rounding can take it just below zero, so it is clamped.
+    direction = jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0))
+    x_prev = jnp.sqrt(abar_prev) * out["x0"] + direction * out["eps"]
     if noise is not None:
         nonzero = broadcast_batch((t > 0).astype(x_t.dtype), x_t)
         x_prev = x_prev + nonzero * sigma * noise
