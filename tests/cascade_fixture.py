@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 from clip_fixture import ROOT, write_random_clip
@@ -27,7 +28,17 @@ from unclip_jax.models.prior_codec import codec_to_arrays, fit_codec
 from unclip_jax.sampling.load import save_stage_dir
 
 
-def write_random_cascade(root: str, seed: int = 0) -> str:
+def _live(params, key, scale=0.05):
+    """Params with noise added to every leaf: the U-Nets zero-initialise their output
+    convolutions (ADM), which would make a fresh model's output blind to its inputs."""
+    leaves, tree = jax.tree.flatten(nn.meta.unbox(params))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def write_random_cascade(root: str, seed: int = 0, decoder_noise: float = 0.01) -> str:
     """Writes ROOT/{clip, prior, prior_ar, decoder, upsampler} and ROOT/pipeline.json (the
     diffusion prior first, so it is the default); returns the pipeline file's path."""
     clip_dir = write_random_clip(os.path.join(root, "clip"), seed=seed)
@@ -38,7 +49,9 @@ def write_random_cascade(root: str, seed: int = 0) -> str:
     inputs = prior_example_inputs(prior, text_width=clip.config.text.hidden_size)
     module = prior_from_config(prior, vocab_size=clip.config.text.vocab_size)
     save_stage_dir(
-        os.path.join(root, "prior"), prior, init_module(module, inputs, jax.random.fold_in(key, 1))
+        os.path.join(root, "prior"),
+        prior,
+        _live(init_module(module, inputs, jax.random.fold_in(key, 1)), key),
     )
 
     ar = load_config(
@@ -52,7 +65,7 @@ def write_random_cascade(root: str, seed: int = 0) -> str:
     save_stage_dir(
         os.path.join(root, "prior_ar"),
         ar,
-        init_module(module, inputs, jax.random.fold_in(key, 2)),
+        _live(init_module(module, inputs, jax.random.fold_in(key, 2)), key),
         files={"prior_codec.safetensors": codec_to_arrays(codec)},
     )
 
@@ -60,6 +73,7 @@ def write_random_cascade(root: str, seed: int = 0) -> str:
     model = decoder.model.to_dict()
     module = decoder_from_config(model, eos_token_id=clip.tokenizer.eos_id)
     params = init_module(module, decoder_example_inputs(model), jax.random.fold_in(key, 3))
+    params = _live(params, jax.random.fold_in(key, 5), decoder_noise)
     save_stage_dir(os.path.join(root, "decoder"), decoder, params)
 
     upsampler = load_config(
@@ -70,6 +84,7 @@ def write_random_cascade(root: str, seed: int = 0) -> str:
     learned = upsampler.diffusion.variance == "learned_range"
     module = upsampler_from_config(model, learned_variance=learned)
     params = init_module(module, upsampler_example_inputs(model), jax.random.fold_in(key, 4))
+    params = _live(params, jax.random.fold_in(key, 6))
     save_stage_dir(os.path.join(root, "upsampler"), upsampler, params)
 
     pipeline = os.path.join(root, "pipeline.json")

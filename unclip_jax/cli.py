@@ -94,6 +94,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
 def _start_distributed(args: argparse.Namespace) -> None:
     from unclip_jax.parallel import initialize_distributed
 
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if not args.distributed and any(v is not None for v in given):
+        raise ConfigError(
+            "--coordinator, --num-processes and --process-id join a multi-process run: "
+            "add --distributed"
+        )
+
     initialize_distributed(
         enabled=args.distributed,
         coordinator_address=args.coordinator,

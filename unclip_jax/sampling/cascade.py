@@ -15,7 +15,8 @@ logical axis names, batches split over the data axes) and runs each stage's jitt
 Randomness is per image: image (p, j) (prompt p, sample j) draws all its noise from
 fold_in(fold_in(key(seed), p), j), one fold more per stage, so an image does not depend on
 the batch, device or process it was made in, and a resumed or resharded run makes the same
-images.
+images (bit for bit with the same per-device batch; another per-device batch runs other
+kernels, whose float rounding can move a pixel by a level).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ _SAMPLING = ("steps", "method", "eta", "guidance_scale", "clip_x0", "dynamic_thr
 # What `settings` (and `--set STAGE.KEY=VALUE`) may change, per stage.
 SETTINGS: dict[str, tuple[str, ...]] = {
     "prior": (*_SAMPLING, "num_candidates", "temperature", "top_p"),
-    "decoder": _SAMPLING,
+    "decoder": (*_SAMPLING, "inversion_iters"),
     "upsampler": ("steps", "method", "eta", "clip_x0", "dynamic_threshold"),
 }
 # The fold of each stage's randomness into an image's key.
@@ -319,6 +320,10 @@ class Cascade:
         def base(weights: StageWeights) -> dict[str, Any]:
             return dict(weights.config.sampling.to_dict())
 
+        overrides = {  # a step count may be written as a number; the samplers read a spacing
+            stage: {k: str(v) if k == "steps" else v for k, v in values.items()}
+            for stage, values in overrides.items()
+        }
         out = {"decoder": {**base(self.decoder_weights), **overrides.get("decoder", {})}}
         if self.prior_weights is not None:
             c = self.prior_weights.config
@@ -357,8 +362,13 @@ class Cascade:
             )
         )
         self._decoders: dict[str, Any] = {}  # samplers by their settings (`decode`)
-        exact = inversion_sampling(self.settings["decoder"])
-        self._invert = decoder_inverter(self.decoder, c.diffusion, exact)
+        exact = inversion_sampling(self.settings["decoder"], c.diffusion.num_steps)
+        self._invert = decoder_inverter(
+            self.decoder,
+            c.diffusion,
+            exact,
+            fixed_point_iters=int(self.settings["decoder"].get("inversion_iters", 3)),
+        )
 
     def _build_prior(self) -> None:
         self.prior_kind = None
@@ -530,7 +540,7 @@ class Cascade:
         keys = D.fold_in(keys, DECODER_STREAM)
         settings = {**self.settings["decoder"], **sampling}
         if exact:
-            settings = inversion_sampling(settings)
+            settings = inversion_sampling(settings, self.decoder_weights.config.diffusion.num_steps)
         name = json.dumps(settings, sort_keys=True)
         if name not in self._decoders:
             check_settings({"decoder": sampling})

@@ -211,10 +211,31 @@ def decoder_inverter(
     return fn
 
 
-def inversion_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
+def inversion_sampling(sampling: Mapping[str, Any], num_steps: int | None = None) -> dict[str, Any]:
     """`sampling` made deterministic and invertible: DDIM, eta 0, no x0 clipping or
-    thresholding (the decode that maps a DDIM inversion back to its image)."""
-    return {**sampling, "method": "ddim", "eta": 0.0, "clip_x0": 0.0, "dynamic_threshold": 0.0}
+    thresholding (the decode that maps a DDIM inversion back to its image).
+
+    A plain step count "N" becomes DDIM's own spacing "ddimN" (stride num_steps / N from 0)
+    where `num_steps` (the training schedule's length) allows it: evenly strided steps end at
+    t = T - 1, where the cosine schedule's abar is ~2e-9, and the first decode step divides by
+    sqrt(abar) (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)), magnifying any mismatch of the
+    inverted eps 2e4 times; DDIM's spacing stops at a step with abar well above 0.
+    """
+    steps = str(sampling["steps"]).strip()
+    if num_steps and steps.isdigit():
+        try:
+            D.space_timesteps(num_steps, f"ddim{steps}")
+            steps = f"ddim{steps}"
+        except ValueError:  # no integer stride gives exactly N steps: keep the given spacing
+            pass
+    return {
+        **sampling,
+        "steps": steps,
+        "method": "ddim",
+        "eta": 0.0,
+        "clip_x0": 0.0,
+        "dynamic_threshold": 0.0,
+    }
 
 
 def upsampler_sampler(
