@@ -318,13 +318,13 @@ def test_the_decoder_conditions_on_unit_z_i_unless_told_otherwise(clip_dir, data
     """Unit-norm z_i is the space the priors sample in; Karlo's decoder reads raw embeds."""
     from unclip_jax.clip import load_pretrained
     from unclip_jax.models.clip import CLIP
-    from unclip_jax.training.decoder_stage import _conditioning_fn
+    from unclip_jax.sampling import decoder_conditioning
 
     clip = load_pretrained(clip_dir)
     stage = build_stage(config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir}))
     batch = next(stage.make_data(0, 1))
     for unit in (True, False):
-        encode = _conditioning_fn(CLIP(clip.config), "transformer", unit)
+        encode = decoder_conditioning(CLIP(clip.config), text_encoder="transformer", unit_z_i=unit)
         norms = np.linalg.norm(np.asarray(encode(clip.params, batch)["z_i"]), axis=-1)
         if unit:
             np.testing.assert_allclose(norms, 1.0, rtol=1e-5)

@@ -8,8 +8,10 @@ A stage is found at a path in one of two layouts:
   stage config), `params.safetensors` (the params, paths joined by '/') and the same fitted
   files.
 
-This is the one module of `sampling/` that reads what training wrote (its checkpoints), so
-`sampling` imports `training.checkpoint` here and nowhere else.
+Sampling reads what training wrote: this module imports `training.checkpoint` (and
+`cascade` the stages' own checks of a CLIP against a config), the one place where `sampling`
+looks up to `training`. The alternative, moving checkpoint reading below both, would split the
+orbax layout over two rooms.
 """
 
 from __future__ import annotations
