@@ -18,6 +18,7 @@ from unclip_jax.config import ConfigError, load_config
 from unclip_jax.sampling import manipulate as M
 from unclip_jax.sampling.cascade import Cascade, image_keys, parse_settings, read_pipeline
 from unclip_jax.sampling.generate import generate_to_dir, image_name
+from unclip_jax.sampling.load import read_stage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["a red circle", "a small blue square", "a green triangle on white", "a purple star"]
@@ -88,6 +89,34 @@ def test_a_rerun_makes_only_the_missing_images_and_the_same_ones(cascade, tmp_pa
     assert len(_manifest(out)) == 4
     with pytest.raises(ConfigError, match="other settings"):
         generate_to_dir(cascade, PROMPTS, out, n=1, seed=1, progress=False)
+    # Prompts may be added at the end; a changed prompt is refused.
+    report = generate_to_dir(cascade, [*PROMPTS, "one more"], out, n=1, seed=0, progress=False)
+    assert (report.written, report.skipped) == (1, 4) and len(_manifest(out)) == 5
+    with pytest.raises(ConfigError, match="prompt 1 'a small blue square', now 'edited'"):
+        edited = [PROMPTS[0], "edited", *PROMPTS[2:]]
+        generate_to_dir(cascade, edited, out, n=1, seed=0, progress=False)
+
+
+def test_a_killed_run_leaves_its_settings_and_no_partial_png(cascade, tmp_path, monkeypatch):
+    import unclip_jax.sampling.generate as G
+
+    out = str(tmp_path / "run")
+
+    def killed(path, pixels):
+        raise KeyboardInterrupt  # the run dies writing its first image
+
+    monkeypatch.setattr(G, "_write_png", killed)
+    with pytest.raises(KeyboardInterrupt):
+        generate_to_dir(cascade, PROMPTS, out, n=1, seed=0, progress=False)
+    monkeypatch.undo()
+    assert not _images(out) and os.path.exists(os.path.join(out, "settings.json"))
+    with pytest.raises(ConfigError, match="other settings"):
+        generate_to_dir(cascade, PROMPTS, out, n=1, seed=9, progress=False)
+    # A stale temporary file of a killed writer is removed by the next run, never read as PNG.
+    stale = os.path.join(out, f".{image_name(0, 0)}.tmp-1")
+    open(stale, "wb").close()
+    assert generate_to_dir(cascade, PROMPTS, out, n=1, seed=0, progress=False).written == 4
+    assert not os.path.exists(stale)
 
 
 def _decode(cascade, prompts, z_i, seed=0):
@@ -125,26 +154,31 @@ def test_guidance_scales_reach_the_decoder_and_the_prior(pipeline):
     cond = z(2.0)
     assert np.abs(cond[0] - cond[1]).mean() > 1e-4
 
+    # And the autoregressive prior's guidance, through its logits.
+    def ar(scale):
+        c = Cascade(
+            read_pipeline([pipeline]), prior="ar", settings={"prior": {"guidance_scale": scale}}
+        )
+        tokens = c.put(c.tokenize(prompts))
+        keys = image_keys(0, c.put(np.zeros((2, 2), np.int32)))
+        return np.asarray(c.sample_z_i(tokens, keys))
 
-def test_inversion_then_eta_0_decoding_reconstructs_the_image(pipeline, tmp_path):
-    # Guided (scale 3) as the tiny decoder samples; 10 fixed-point iterations per step.
-    cascade = Cascade(read_pipeline([pipeline]), settings={"decoder": {"inversion_iters": 10}})
+    uncond = ar(0.0)
+    np.testing.assert_allclose(uncond[0], uncond[1], atol=1e-5)
+    assert np.abs(ar(3.0)[0] - uncond[0]).max() > 1e-3
+
+
+def test_inversion_then_eta_0_decoding_reconstructs_the_image(cascade):
+    # The tiny decoder's own settings: guided at scale 3, the default fixed-point iterations.
     images = [np.random.default_rng(i).integers(0, 256, (24, 20, 3), np.uint8) for i in (0, 1)]
     inverted = M.invert(cascade, images)
     assert inverted.x_T.shape == (2, 16, 16, 3)
-    tokens, drop = M._no_caption(cascade, 2)
-    keys = image_keys(0, cascade.put(np.zeros((2, 2), np.int32)))
-    cond = cascade.decoder_cond(inverted.z_i, tokens, drop)
-
-    def decode(x_T):
-        return np.asarray(cascade.decode(cond, keys, x_T=cascade.put(x_T), exact=True))
-
     # The images come back to within a uint8 level (1/127.5 = 7.8e-3) everywhere...
-    error = np.abs(decode(np.asarray(inverted.x_T)) - inverted.x0)
-    assert error.max() < 4e-3 and error.mean() < 5e-4, (error.max(), error.mean())
+    error = np.abs(M.reconstruct(cascade, inverted) - inverted.x0)
+    assert error.max() < 7.8e-3 and error.mean() < 1e-3, (error.max(), error.mean())
     # ...while the other image's x_T decodes far from it: x_T carries the image.
-    swapped = np.abs(decode(np.asarray(inverted.x_T)[::-1]) - inverted.x0)
-    assert swapped.mean() > 0.1
+    swapped = M.Inverted(z_i=inverted.z_i, x_T=inverted.x_T[::-1], x0=inverted.x0)
+    assert np.abs(M.reconstruct(cascade, swapped) - inverted.x0).mean() > 0.1
 
 
 def test_interpolation_and_text_diff_strips_have_the_asked_length(cascade, tmp_path):
@@ -212,9 +246,36 @@ def test_a_training_workdir_is_a_stage(pipeline, tmp_path):
         [os.path.join(root, "decoder"), str(tmp_path / "up"), os.path.join(root, "prior")]
     )
     assert spec.upsamplers == (str(tmp_path / "up"),) and list(spec.priors) == ["diffusion"]
-    c = Cascade(spec)
+    c = Cascade(spec, settings={"upsampler0": {"steps": 2}})
     assert c.upsampler_weights[0].step == 2 and c.resolution == 32
+    assert c.settings["upsampler0"]["steps"] == "2"
     assert generate_to_dir(c, PROMPTS[:1], str(tmp_path / "o"), n=1, progress=False).written == 1
+    # The workdir packed as a stage directory holds the same EMA params.
+    from unclip_jax.cli import main
+    from unclip_jax.training.checkpoint import param_paths
+
+    assert (
+        main(
+            [
+                "export",
+                "--workdir",
+                str(tmp_path / "up"),
+                "--out",
+                str(tmp_path / "sd"),
+                "--stage-dir",
+                "--ema",
+            ]
+        )
+        == 0
+    )
+    packed = read_stage(str(tmp_path / "sd"))
+    assert packed.stage == "upsampler" and packed.config.model.resolution == 32
+    a, b = param_paths(packed.params), param_paths(c.upsampler_weights[0].params)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    with pytest.raises(ConfigError, match="settings for upsampler1"):
+        Cascade(spec, settings={"upsampler1": {"steps": 2}})
 
 
 def _edit_config(directory, key, value):
@@ -244,6 +305,10 @@ def test_a_wrong_pipeline_is_named(pipeline, tmp_path):
         Cascade(spec)
     with pytest.raises(ConfigError, match=r"unknown setting decoder\.guidance"):
         parse_settings(["decoder.guidance=2"])
+    with pytest.raises(ConfigError, match=r"setting decoder\.eta is 'abc', not a float"):
+        parse_settings(["decoder.eta=abc"])
+    with pytest.raises(ConfigError, match="'upsamplers' a list of paths"):
+        read_pipeline([_write_pipeline(tmp_path / "d.json", decoder=d("decoder"), upsamplers=[1])])
     with pytest.raises(ConfigError, match=r"upsampler 0 .* takes 8 px images, but the stage "):
         tiny_up = str(tmp_path / "up8")
         shutil.copytree(d("upsampler"), tiny_up)

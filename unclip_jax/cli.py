@@ -153,7 +153,18 @@ def _add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="the run to export")
     parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     parser.add_argument("--ema", action="store_true", help="export the EMA params")
-    parser.add_argument("--out", required=True, metavar="FILE.safetensors")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.safetensors|DIR",
+        help="one flat safetensors file, or with --stage-dir a stage directory",
+    )
+    parser.add_argument(
+        "--stage-dir",
+        action="store_true",
+        help="write a stage directory (config.json, params.safetensors and the files the stage "
+        "fitted) that `unclip-jax sample --pipeline` takes",
+    )
 
 
 def _run_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
@@ -162,7 +173,12 @@ def _run_export(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if overrides:
         raise ConfigError("export takes no --config overrides")
     try:
-        step = export_params(args.workdir, args.out, step=args.step, ema=args.ema)
+        if args.stage_dir:
+            from unclip_jax.sampling.load import export_stage_dir
+
+            step = export_stage_dir(args.workdir, args.out, ema=args.ema, step=args.step).step
+        else:
+            step = export_params(args.workdir, args.out, step=args.step, ema=args.ema)
     except FileNotFoundError as err:
         print(f"unclip-jax export: error: {err}", file=sys.stderr)
         return 2
@@ -352,6 +368,12 @@ def _add_cascade_args(parser: argparse.ArgumentParser, *, seed_help: str) -> Non
         "memory); the batch is split over all devices either way",
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the models' compute dtype (bfloat16 for TPUs and GPUs)",
+    )
+    parser.add_argument(
         "--compile-cache",
         default=None,
         metavar="DIR",
@@ -385,7 +407,17 @@ def _open_cascade(args: argparse.Namespace) -> Any:
     if jax.device_count() % args.fsdp:
         raise ConfigError(f"--fsdp {args.fsdp} does not divide the {jax.device_count()} devices")
     mesh = make_mesh({"data": -1, "fsdp": args.fsdp})
-    return Cascade(spec, prior=args.prior, settings=settings, mesh=mesh, ema=not args.raw_params)
+    import jax.numpy as jnp
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    return Cascade(
+        spec,
+        prior=args.prior,
+        settings=settings,
+        mesh=mesh,
+        ema=not args.raw_params,
+        dtype=dtype,
+    )
 
 
 def _cascade_errors() -> tuple[type[BaseException], ...]:
@@ -478,8 +510,9 @@ def _run_manipulation(args: argparse.Namespace, overrides: dict[str, str]) -> in
             images = manipulate.load_images(args.images)
             frames = manipulate.variations(cascade, images, n=args.n, seed=args.seed, eta=args.eta)
             written = []
-            for path, strip in zip(args.images, frames, strict=True):
-                stem = os.path.splitext(os.path.basename(path))[0]
+            for i, (path, strip) in enumerate(zip(args.images, frames, strict=True)):
+                # Numbered: two inputs of the same name from different folders stay apart.
+                stem = f"{i:02d}_{os.path.splitext(os.path.basename(path))[0]}"
                 written += manipulate.write_strip(strip, args.out, stem)[:1]
         elif args.command == "interpolate":
             a, b = manipulate.load_images(args.images)

@@ -59,8 +59,15 @@ from unclip_jax.parallel import (
     make_mesh,
     replicate,
 )
-from unclip_jax.sampling.load import StageWeights, check_params_fit, check_stage, read_stage
+from unclip_jax.sampling.load import (
+    StageWeights,
+    check_params_fit,
+    check_stage,
+    read_stage,
+    read_stage_config,
+)
 from unclip_jax.sampling.stages import (
+    INVERSION_ITERS,
     ar_prior_sampler,
     decoder_conditioning,
     decoder_inverter,
@@ -70,22 +77,32 @@ from unclip_jax.sampling.stages import (
     prior_text_conditioning,
     upsampler_sampler,
 )
+from unclip_jax.training.decoder_stage import check_clip_fits
+from unclip_jax.training.prior_stage import CODEC_FILE, STATS_FILE, check_prior_fits_clip
 
 Array = jax.Array
 log = logging.getLogger("unclip_jax.sample")
 
 PIPELINE_KEYS = ("clip", "prior", "decoder", "upsamplers", "settings")
 _SAMPLING = ("steps", "method", "eta", "guidance_scale", "clip_x0", "dynamic_threshold")
-# What `settings` (and `--set STAGE.KEY=VALUE`) may change, per stage.
+# What `settings` (and `--set STAGE.KEY=VALUE`) may change, per stage; "upsampler" applies to
+# every upsampler, "upsampler0", "upsampler1", ... to one (and win over "upsampler").
 SETTINGS: dict[str, tuple[str, ...]] = {
     "prior": (*_SAMPLING, "num_candidates", "temperature", "top_p"),
     "decoder": (*_SAMPLING, "inversion_iters"),
     "upsampler": ("steps", "method", "eta", "clip_x0", "dynamic_threshold"),
 }
+# The type each setting is read as (the rest are floats).
+_SETTING_TYPES = {"steps": str, "method": str, "num_candidates": int, "inversion_iters": int}
+
+
+def _settings_stage(stage: str) -> str:
+    """'upsampler3' -> 'upsampler' (the table entry a stage name is checked against)."""
+    return "upsampler" if stage.startswith("upsampler") and stage[9:].isdigit() else stage
+
+
 # The fold of each stage's randomness into an image's key.
 PRIOR_STREAM, DECODER_STREAM, UPSAMPLER_STREAM = 0, 1, 2
-# The files the priors fitted at their start (training/prior_stage.py writes them).
-PRIOR_STATS_FILE, PRIOR_CODEC_FILE = "prior_embedding.safetensors", "prior_codec.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,25 +114,6 @@ class PipelineSpec:
     upsamplers: tuple[str, ...] = ()
     clip: str | None = None
     settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-
-
-def read_stage_config(path: str) -> dict[str, Any]:
-    """The config a stage path was trained with (a workdir's latest checkpoint, or a stage
-    directory's config.json), without reading its params."""
-    from unclip_jax.sampling.load import STAGE_CONFIG
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from unclip_jax.training.loop import saved_config
-
-        return saved_config(path)
-    config_file = os.path.join(path, STAGE_CONFIG)
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            return json.load(f)
-    raise FileNotFoundError(
-        f"{path!r} holds no trained stage: expected a training workdir (checkpoints/) or a "
-        f"stage directory ({STAGE_CONFIG} + params.safetensors)"
-    )
 
 
 def parse_settings(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -132,21 +130,36 @@ def parse_settings(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
         except json.JSONDecodeError:
             parsed = value
         out.setdefault(stage, {})[name] = parsed
-    check_settings(out)
-    return out
+    return check_settings(out)
 
 
-def check_settings(settings: Mapping[str, Mapping[str, Any]]) -> None:
-    """ConfigError naming an unknown stage or setting."""
+def check_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The settings with each value read as its type; a ConfigError names an unknown stage or
+    setting, or a value of the wrong type."""
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"settings must be an object of stages, got {settings!r}")
+    out: dict[str, dict[str, Any]] = {}
     for stage, values in settings.items():
-        if stage not in SETTINGS:
-            raise ConfigError(f"unknown settings stage {stage!r}; stages: {', '.join(SETTINGS)}")
-        for name in values:
-            if name not in SETTINGS[stage]:
+        table = SETTINGS.get(_settings_stage(stage))
+        if table is None or not isinstance(values, Mapping):
+            raise ConfigError(
+                f"unknown settings stage {stage!r} (or not an object); stages: "
+                f"{', '.join(SETTINGS)}, upsampler0, upsampler1, ..."
+            )
+        out[stage] = {}
+        for name, value in values.items():
+            if name not in table:
                 raise ConfigError(
-                    f"unknown setting {stage}.{name}; {stage} settings: "
-                    f"{', '.join(SETTINGS[stage])}"
+                    f"unknown setting {stage}.{name}; {stage} settings: {', '.join(table)}"
                 )
+            kind = _SETTING_TYPES.get(name, float)
+            try:
+                out[stage][name] = kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"setting {stage}.{name} is {value!r}, not a {kind.__name__}"
+                ) from None
+    return out
 
 
 def read_pipeline(paths: Sequence[str]) -> PipelineSpec:
@@ -162,6 +175,7 @@ def read_pipeline(paths: Sequence[str]) -> PipelineSpec:
     for path in paths:
         if not os.path.exists(path):
             raise ConfigError(f"pipeline stage {path!r} does not exist")
+        path = os.path.abspath(path)
         config = read_stage_config(path)
         stage = config.get("stage")
         if stage == "decoder":
@@ -190,7 +204,7 @@ def _pipeline_file(path: str) -> PipelineSpec:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"pipeline file {path}: not JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"pipeline file {path}: expected a JSON object")
@@ -213,8 +227,20 @@ def _pipeline_file(path: str) -> PipelineSpec:
     priors = {"prior": priors} if isinstance(priors, str) else priors
     upsamplers = raw.get("upsamplers") or []
     upsamplers = [upsamplers] if isinstance(upsamplers, str) else upsamplers
-    settings = raw.get("settings") or {}
-    check_settings(settings)
+    shapes_ok = (
+        isinstance(raw["decoder"], str)
+        and isinstance(priors, dict)
+        and all(isinstance(v, str) for v in priors.values())
+        and isinstance(upsamplers, list)
+        and all(isinstance(v, str) for v in upsamplers)
+        and isinstance(raw.get("clip") or "", str)
+    )
+    if not shapes_ok:
+        raise ConfigError(
+            f"pipeline file {path}: 'clip' and 'decoder' are paths, 'prior' a path or an object "
+            "of name: path, 'upsamplers' a list of paths"
+        )
+    settings = check_settings(raw.get("settings") or {})
     return PipelineSpec(
         decoder=resolve(raw["decoder"]),
         priors={name: resolve(p) for name, p in priors.items()},
@@ -262,7 +288,7 @@ class Cascade:
         overrides = {k: dict(v) for k, v in (spec.settings or {}).items()}
         for stage, values in (settings or {}).items():
             overrides.setdefault(stage, {}).update(values)
-        check_settings(overrides)
+        overrides = check_settings(overrides)
         self.decoder_weights = read_stage(spec.decoder, ema=ema)
         check_stage(self.decoder_weights, "decoder", "decoder")
         self.prior_name, self.prior_weights = None, None
@@ -295,8 +321,6 @@ class Cascade:
     # ---- loading ------------------------------------------------------------------------
 
     def _load_clip(self, path: str | None) -> PretrainedClip:
-        from unclip_jax.training.decoder_stage import check_clip_fits
-
         candidates = [path] if path else []
         for weights in (self.prior_weights, self.decoder_weights):
             if weights is not None and weights.config.clip.dir:
@@ -310,8 +334,6 @@ class Cascade:
         clip = load_pretrained(found)
         check_clip_fits(self.decoder_weights.config.model, clip, found)
         if self.prior_weights is not None:
-            from unclip_jax.training.prior_stage import check_prior_fits_clip
-
             check_prior_fits_clip(self.prior_weights.config.model, clip, found)
         self.clip_dir = found
         return clip
@@ -320,10 +342,6 @@ class Cascade:
         def base(weights: StageWeights) -> dict[str, Any]:
             return dict(weights.config.sampling.to_dict())
 
-        overrides = {  # a step count may be written as a number; the samplers read a spacing
-            stage: {k: str(v) if k == "steps" else v for k, v in values.items()}
-            for stage, values in overrides.items()
-        }
         out = {"decoder": {**base(self.decoder_weights), **overrides.get("decoder", {})}}
         if self.prior_weights is not None:
             c = self.prior_weights.config
@@ -335,7 +353,14 @@ class Cascade:
                 **overrides.get("prior", {}),
             }
         for i, w in enumerate(self.upsampler_weights):
-            out[f"upsampler{i}"] = {**base(w), **overrides.get("upsampler", {})}
+            out[f"upsampler{i}"] = {
+                **base(w),
+                **overrides.get("upsampler", {}),
+                **overrides.get(f"upsampler{i}", {}),
+            }
+        unused = sorted(set(overrides) - set(out) - {"upsampler"})
+        if unused:
+            raise ConfigError(f"settings for {', '.join(unused)}: the pipeline has no such stage")
         return out
 
     def _place_stage(self, weights: StageWeights, module: Any, inputs: Mapping[str, Any]) -> Any:
@@ -367,7 +392,7 @@ class Cascade:
             self.decoder,
             c.diffusion,
             exact,
-            fixed_point_iters=int(self.settings["decoder"].get("inversion_iters", 3)),
+            fixed_point_iters=int(self.settings["decoder"].get("inversion_iters", INVERSION_ITERS)),
         )
 
     def _build_prior(self) -> None:
@@ -377,13 +402,15 @@ class Cascade:
         c = self.prior_weights.config
         s = self.settings["prior"]
         self.prior_kind = c.kind
-        self.prior = prior_from_config(c, vocab_size=self.clip.config.text.vocab_size)
+        self.prior = prior_from_config(
+            c, vocab_size=self.clip.config.text.vocab_size, dtype=self.dtype
+        )
         inputs = prior_example_inputs(c, text_width=self.clip.config.text.hidden_size)
         self.prior_params = self._place_stage(self.prior_weights, self.prior, inputs)
         if c.kind == "diffusion":
             stats = None
             if c.embedding.normalization == "standardize":
-                stats = load_file(self._prior_file(PRIOR_STATS_FILE))
+                stats = load_file(self._prior_file(STATS_FILE))
             decode = functools.partial(
                 denormalize_embedding,
                 method=c.embedding.normalization,
@@ -396,7 +423,7 @@ class Cascade:
             self.prior_unit_norm = c.embedding.normalization != "standardize"
         else:
             codec = codec_from_arrays(
-                load_file(self._prior_file(PRIOR_CODEC_FILE)),
+                load_file(self._prior_file(CODEC_FILE)),
                 embed_dim=c.model.clip_dim,
                 components=c.ar.pca_components,
                 num_buckets=c.ar.num_buckets,

@@ -6,8 +6,10 @@ lists the images not yet on disk and tells every process; each global batch is s
 mesh's batch axes, every process tokenizes and feeds its own rows and writes the images its
 devices made (one replica of each). A PNG is written to a temporary name and renamed, so a
 killed run leaves only whole images, and a rerun makes only the missing ones, the same ones
-it would have made (an image's randomness is its own, see `cascade`). At the end process 0
-writes `manifest.jsonl` (one line per image on disk) and `settings.json`.
+it would have made (an image's randomness is its own, see `cascade`). Before the first image
+process 0 records `settings.json` and `prompts.jsonl`, and refuses a folder made with other
+settings or other prompts; at the end it writes `manifest.jsonl` (one line per image on
+disk). The folder must be on a file system every process sees (GCS, NFS).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from unclip_jax.sampling.cascade import Cascade, image_keys
 log = logging.getLogger("unclip_jax.sample")
 
 MANIFEST, SETTINGS_FILE, GRID = "manifest.jsonl", "settings.json", "grid.png"
-# A grid of the prompts is written when the run has at most this many images.
-GRID_MAX = 256
+PROMPTS_FILE = "prompts.jsonl"  # the run's prompts, one JSON string per line
+# A grid of the prompts is written when the run has at most this many images, in cells of at
+# most GRID_CELL pixels.
+GRID_MAX, GRID_CELL = 256, 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +101,66 @@ def _todo(out: str, num_prompts: int, n: int) -> np.ndarray:
 
 
 def _write_png(path: str, pixels: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(pixels).save(tmp)
+    # A hidden name without the .png ending: a killed run leaves nothing an FID tool would read.
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    Image.fromarray(pixels).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_prompts(out: str, prompts: Sequence[str]) -> list[str]:
+    """The prompts the folder's images were made for, which must start the new list (prompts
+    may be added at the end): the longer of the two lists is returned, to be kept."""
+    path = os.path.join(out, PROMPTS_FILE)
+    if not os.path.exists(path):
+        return list(prompts)
+    with open(path, encoding="utf-8") as f:
+        saved = [json.loads(line) for line in f]
+    for p, (old, new) in enumerate(zip(saved, prompts, strict=False)):
+        if old != new:
+            raise ConfigError(
+                f"{out} holds images of prompt {p} {old!r}, now {new!r}: use another --out "
+                "(prompts may only be added at the end)"
+            )
+    return list(prompts) if len(prompts) >= len(saved) else saved
+
+
+def _prepare_folder(out: str, settings: dict[str, Any], prompts: Sequence[str]) -> None:
+    """Process 0 checks the folder against the run (settings, prompts), records them before any
+    image is written (so a killed run cannot be resumed with others) and removes temporary
+    files a killed run left; a refusal is raised on every process. The folder must be on a
+    file system every process sees (GCS, NFS): process 0 decides what is missing."""
+    error = ""
+    if jax.process_index() == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            _check_settings_file(out, settings)
+            kept = _check_prompts(out, prompts)
+            _write_text(os.path.join(out, SETTINGS_FILE), json.dumps(settings, indent=2))
+            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in kept)
+            _write_text(os.path.join(out, PROMPTS_FILE), lines)
+            for name in os.listdir(out):
+                if name.startswith(".") and ".tmp-" in name:
+                    os.remove(os.path.join(out, name))
+        except (ConfigError, OSError) as err:
+            error = str(err) or repr(err)
+    if jax.process_count() > 1:
+        encoded = np.zeros(4096, np.uint8)
+        raw = error.encode()[:4096]
+        encoded[: len(raw)] = np.frombuffer(raw, np.uint8)
+        encoded = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+        error = bytes(encoded[encoded > 0]).decode(errors="replace")
+    if error:
+        raise ConfigError(error)
+    os.makedirs(out, exist_ok=True)
 
 
 def generate_to_dir(
@@ -127,13 +188,9 @@ def generate_to_dir(
     batch = -(-batch // multiple) * multiple
     if batch % jax.process_count():
         raise ConfigError(f"batch {batch} does not split over {jax.process_count()} processes")
-    settings = {"seed": seed, "n": n, "cascade": cascade.describe(), "prompts": len(prompts)}
+    settings = {"seed": seed, "n": n, "cascade": cascade.describe()}
     settings = json.loads(json.dumps(settings, default=str))
-    if jax.process_index() == 0:
-        os.makedirs(out, exist_ok=True)
-        _check_settings_file(out, settings)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("checked the output folder")
+    _prepare_folder(out, settings, prompts)
     todo = _todo(out, len(prompts), n)
     total = len(prompts) * n
     rows = process_batch_rows(batch_sharding(cascade.mesh), batch)
@@ -172,15 +229,13 @@ def generate_to_dir(
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("generated")
     if jax.process_index() == 0:
-        _write_manifest(out, prompts, n, seed, settings)
+        _write_manifest(out, prompts, n, seed)
     return GenerationReport(written=written, skipped=total - len(todo), out=out)
 
 
-def _write_manifest(
-    out: str, prompts: Sequence[str], n: int, seed: int, settings: dict[str, Any]
-) -> None:
-    """manifest.jsonl (every image on disk, in prompt order), settings.json and, for small
-    runs, grid.png with each prompt under its image."""
+def _write_manifest(out: str, prompts: Sequence[str], n: int, seed: int) -> None:
+    """manifest.jsonl (every image on disk, in prompt order) and, for small runs, grid.png
+    with each prompt under its image (cells of at most 128 px)."""
     have = set(os.listdir(out))
     lines, grid_images, grid_captions = [], [], []
     for p, prompt in enumerate(prompts):
@@ -190,17 +245,14 @@ def _write_manifest(
                 continue
             lines.append({"file": name, "prompt": prompt, "seed": seed, "index": p, "sample": j})
             if len(prompts) * n <= GRID_MAX:
-                grid_images.append(np.asarray(Image.open(os.path.join(out, name)).convert("RGB")))
+                with Image.open(os.path.join(out, name)) as image:
+                    image = image.convert("RGB")
+                    image.thumbnail((GRID_CELL, GRID_CELL))
+                    grid_images.append(np.asarray(image))
                 grid_captions.append(prompt)
-    for name, text in (
-        (MANIFEST, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)),
-        (SETTINGS_FILE, json.dumps(settings, indent=2)),
-    ):
-        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    _write_text(os.path.join(out, MANIFEST), text)
     if grid_images:
-        scale = max(1, 128 // grid_images[0].shape[0])
+        scale = max(1, GRID_CELL // grid_images[0].shape[0])
         grid = caption_grid(grid_images, grid_captions, columns=n if n > 1 else None, scale=scale)
         grid.save(os.path.join(out, GRID))

@@ -35,10 +35,10 @@ from unclip_jax.training.checkpoint import (
     saved_state_metadata,
 )
 from unclip_jax.training.export import flatten_params, unflatten_params
+from unclip_jax.training.prior_stage import CODEC_FILE, STATS_FILE
 
 STAGE_CONFIG = "config.json"
 STAGE_PARAMS = "params.safetensors"
-STAGES = ("prior", "decoder", "upsampler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,30 @@ class StageWeights:
         return os.path.join(self.path, name)
 
 
+def _layout(path: str) -> str:
+    """'workdir' or 'stage_dir', or a FileNotFoundError saying what `path` lacks."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"stage path {path!r} is not a directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    if all(os.path.isfile(os.path.join(path, f)) for f in (STAGE_CONFIG, STAGE_PARAMS)):
+        return "stage_dir"
+    raise FileNotFoundError(
+        f"{path!r} holds no trained stage: expected a training workdir (checkpoints/) or a "
+        f"stage directory ({STAGE_CONFIG} + {STAGE_PARAMS})"
+    )
+
+
+def read_stage_config(path: str) -> dict[str, Any]:
+    """The config a stage was trained with, without reading its params (a workdir's latest
+    checkpoint's, or a stage directory's config.json)."""
+    if _layout(path) == "workdir":
+        with checkpoint_manager(os.path.join(path, "checkpoints"), read_only=True) as manager:
+            return read_checkpoint_config(manager)
+    with open(os.path.join(path, STAGE_CONFIG), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_stage(path: str, *, ema: bool = True, step: int | None = None) -> StageWeights:
     """The stage at `path` (a training workdir or a stage directory), params on the host.
 
@@ -67,10 +91,8 @@ def read_stage(path: str, *, ema: bool = True, step: int | None = None) -> Stage
     latest checkpoint). A path that is neither layout is a FileNotFoundError saying what it
     lacks.
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"stage path {path!r} is not a directory")
-    checkpoints = os.path.join(path, "checkpoints")
-    if os.path.isdir(checkpoints):
+    if _layout(path) == "workdir":
+        checkpoints = os.path.join(path, "checkpoints")
         field = "ema_params" if ema else "params"
         with checkpoint_manager(checkpoints, read_only=True) as manager:
             shapes, step = saved_state_metadata(manager, step)
@@ -78,17 +100,28 @@ def read_stage(path: str, *, ema: bool = True, step: int | None = None) -> Stage
         restored, step = restore_subtrees(checkpoints, {field: shapes[field]}, step)
         params = jax.tree.map(np.asarray, restored[field])
         return StageWeights(path, ml_collections.ConfigDict(config), params, step)
-    config_file, params_file = os.path.join(path, STAGE_CONFIG), os.path.join(path, STAGE_PARAMS)
-    if os.path.isfile(config_file) and os.path.isfile(params_file):
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-        return StageWeights(
-            path, ml_collections.ConfigDict(config), unflatten_params(load_file(params_file)), None
-        )
-    raise FileNotFoundError(
-        f"{path!r} holds no trained stage: expected a training workdir (checkpoints/) or a "
-        f"stage directory ({STAGE_CONFIG} + {STAGE_PARAMS})"
-    )
+    params = unflatten_params(load_file(os.path.join(path, STAGE_PARAMS)))
+    config = ml_collections.ConfigDict(read_stage_config(path))
+    return StageWeights(path, config, params, None)
+
+
+# What a stage keeps beside its weights (the priors' fitted statistics and codec).
+FITTED_FILES = (STATS_FILE, CODEC_FILE)
+
+
+def export_stage_dir(
+    workdir: str, out: str, *, ema: bool = True, step: int | None = None
+) -> StageWeights:
+    """Writes the stage of a training workdir as a stage directory (its config, its EMA or raw
+    params of `step`, and the files it fitted), e.g. to ship it without the optimizer state."""
+    weights = read_stage(workdir, ema=ema, step=step)
+    files = {
+        name: load_file(weights.file(name))
+        for name in FITTED_FILES
+        if os.path.isfile(weights.file(name))
+    }
+    save_stage_dir(out, weights.config, weights.params, files)
+    return weights
 
 
 def save_stage_dir(

@@ -100,8 +100,13 @@ def decode_frames(
 
 
 def reconstruct(cascade: Cascade, inverted: Inverted) -> np.ndarray:
-    """The decoder-resolution images (uint8) decoded back from their inversions."""
-    return decode_frames(cascade, inverted.z_i, inverted.x_T, upsample=False)
+    """The decoder-resolution images in [-1, 1] decoded back from their inversions (DDIM eta
+    0 on the same settings: `inverted.x0` again, up to the inversion's convergence)."""
+    n = inverted.z_i.shape[0]
+    tokens, drop = _no_caption(cascade, n)
+    keys = image_keys(0, cascade.put(np.zeros((n, 2), np.int32)))
+    cond = cascade.decoder_cond(inverted.z_i, tokens, drop)
+    return np.asarray(cascade.decode(cond, keys, x_T=inverted.x_T, exact=True))
 
 
 def variations(

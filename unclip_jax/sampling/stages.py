@@ -8,6 +8,7 @@ compiled once per input shape, so a training hook and a sampling job run the sam
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +21,9 @@ from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior, unit_no
 from unclip_jax.models.unet import Decoder, UNet, upsampler_input
 
 Array = jax.Array
+log = logging.getLogger("unclip_jax.sample")
+# Fixed-point refinements of each DDIM inversion step (`diffusion.ddim_invert`).
+INVERSION_ITERS = 5
 
 
 def sampling_schedule(diffusion: Mapping[str, Any], sampling: Mapping[str, Any]) -> D.Schedule:
@@ -181,7 +185,7 @@ def decoder_inverter(
     diffusion: Mapping[str, Any],
     sampling: Mapping[str, Any],
     *,
-    fixed_point_iters: int = 3,
+    fixed_point_iters: int = INVERSION_ITERS,
 ) -> Callable[[Any, Mapping[str, Array], Array], Array]:
     """`fn(params, cond, x0) -> x_T`: DDIM inversion of images x0 (B, H, W, 3) in [-1, 1]
     through the decoder on `cond` (as `decoder_sampler` takes it, guided the same way).
@@ -227,7 +231,13 @@ def inversion_sampling(sampling: Mapping[str, Any], num_steps: int | None = None
             D.space_timesteps(num_steps, f"ddim{steps}")
             steps = f"ddim{steps}"
         except ValueError:  # no integer stride gives exactly N steps: keep the given spacing
-            pass
+            log.warning(
+                "no integer stride gives exactly %s DDIM steps of %d: inverting on evenly "
+                "strided steps, whose last step (t = %d) may reconstruct poorly",
+                steps,
+                num_steps,
+                num_steps - 1,
+            )
     return {
         **sampling,
         "steps": steps,
@@ -317,7 +327,7 @@ def prior_sampler(
             key = jax.vmap(
                 lambda row: jax.vmap(lambda j: jax.random.fold_in(row, j))(jnp.arange(k))
             )(key)
-            key = key.reshape(b * k)
+            key = key.reshape(b * k, *key.shape[2:])  # raw uint32 keys keep their last axis
         noise_key, loop_key = split_key(key)
         x_T = D.row_normal(noise_key, (b * k, prior.clip_dim))
         if scale == 1.0:
