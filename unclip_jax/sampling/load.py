@@ -29,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from unclip_jax.config import ConfigError
 from unclip_jax.training.checkpoint import (
     checkpoint_manager,
-    param_paths,
+    first_shape_mismatch,
     read_checkpoint_config,
     restore_subtrees,
     saved_state_metadata,
@@ -158,12 +158,10 @@ def check_stage(weights: StageWeights, wanted: str, slot: str) -> None:
 def check_params_fit(weights: StageWeights, abstract: Any) -> None:
     """ConfigError naming the first param whose presence or shape differs from what the
     stage's config builds (weights from another config, or a corrupt stage directory)."""
-    have = {k: np.shape(v) for k, v in param_paths(weights.params).items()}
-    want = {k: tuple(v.shape) for k, v in param_paths(abstract).items()}
-    for name in sorted(set(have) | set(want)):
-        if have.get(name) != want.get(name):
-            raise ConfigError(
-                f"the {weights.stage} params in {weights.path} do not fit its config: param "
-                f"{name!r} is {have.get(name, 'absent')} there and "
-                f"{want.get(name, 'absent')} in the model the config builds"
-            )
+    mismatch = first_shape_mismatch(weights.params, abstract)
+    if mismatch:
+        name, there, built = mismatch
+        raise ConfigError(
+            f"the {weights.stage} params in {weights.path} do not fit its config: param "
+            f"{name!r} is {there} there and {built} in the model the config builds"
+        )

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -209,6 +210,17 @@ def saved_state_metadata(
         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
     )
     return shapes, step
+
+
+def first_shape_mismatch(have: Any, want: Any) -> tuple[str, Any, Any] | None:
+    """(param path, its shape in `have`, in `want`) of the first param (in path order) absent
+    from one tree or shaped differently ('absent' for a missing one); None when they fit."""
+    a = {k: tuple(np.shape(v)) for k, v in param_paths(have).items()}
+    b = {k: tuple(np.shape(v)) for k, v in param_paths(want).items()}
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            return name, a.get(name, "absent"), b.get(name, "absent")
+    return None
 
 
 def param_paths(tree: Any) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from unclip_jax.parallel import (
 )
 from unclip_jax.training.checkpoint import (
     checkpoint_manager,
-    param_paths,
+    first_shape_mismatch,
     read_checkpoint_config,
     restore_checkpoint,
     restore_subtrees,
@@ -100,15 +100,13 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[lis
 def check_checkpoint_fits(manager: Any, step: int, target: TrainState, what: str) -> None:
     """Raises CheckpointMismatchError naming the first param whose shape or presence differs."""
     saved, _ = saved_state_metadata(manager, step)
-    saved_shapes = {k: tuple(v.shape) for k, v in param_paths(saved["params"]).items()}
-    wanted = {k: tuple(v.shape) for k, v in param_paths(target.params).items()}
-    for name in sorted(set(saved_shapes) | set(wanted)):
-        if saved_shapes.get(name) != wanted.get(name):
-            raise CheckpointMismatchError(
-                f"{what} at step {step} in {manager.directory} does not fit this config: param "
-                f"{name!r} is {saved_shapes.get(name, 'absent')} there and "
-                f"{wanted.get(name, 'absent')} here (a checkpoint from another config?)"
-            )
+    mismatch = first_shape_mismatch(saved["params"], target.params)
+    if mismatch:
+        name, there, here = mismatch
+        raise CheckpointMismatchError(
+            f"{what} at step {step} in {manager.directory} does not fit this config: param "
+            f"{name!r} is {there} there and {here} here (a checkpoint from another config?)"
+        )
 
 
 def _resume(manager: Any, step: int, target: TrainState, config_dict: dict[str, Any]) -> tuple:
