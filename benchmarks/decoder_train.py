@@ -130,8 +130,9 @@ def ours(inputs: dict[str, np.ndarray], remat: bool) -> tuple[Any, int]:
     return run, count_params(params)
 
 
-def peer(inputs: dict[str, np.ndarray]) -> tuple[Any, int]:
-    """(a step function running one diffusers train step, parameter count)."""
+def peer_modules() -> tuple[Any, Any]:
+    """(diffusers' `UNet2DConditionModel` in Karlo's block layout, `UnCLIPTextProjModel`) at
+    the bench size, with seeded random weights: the peer of the decoder benchmarks."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
@@ -170,6 +171,14 @@ def peer(inputs: dict[str, np.ndarray]) -> tuple[Any, int]:
         time_embed_dim=256,
         cross_attention_dim=512,
     )
+    return unet, text_proj
+
+
+def peer(inputs: dict[str, np.ndarray]) -> tuple[Any, int]:
+    """(a step function running one diffusers train step, parameter count)."""
+    import torch
+
+    unet, text_proj = peer_modules()
     params = list(unet.parameters()) + list(text_proj.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     abar = torch.from_numpy(np.asarray(SCHEDULE.alphas_cumprod))
