@@ -54,3 +54,75 @@ def test_the_reader_says_when_there_is_no_object():
         "size": -1,
         "position": -1,
     }
+
+
+def _write_samples(folder, examples):
+    """A folder laid out as `unclip-jax sample` writes it, holding the given pictures."""
+    import json
+    import os
+
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "manifest.jsonl"), "w", encoding="utf-8") as f:
+        for i, e in enumerate(examples):
+            name = f"P{i:06d}_00.png"
+            Image.fromarray(e["image"]).save(os.path.join(folder, name))
+            f.write(json.dumps({"file": name, "prompt": e["caption"], "seed": 0}) + "\n")
+
+
+def test_eval_scores_real_pictures_as_perfect_samples(tmp_path):
+    from clip_fixture import write_random_clip
+
+    from unclip_jax.cli import main
+    from unclip_jax.clip import load_pretrained
+    from unclip_jax.data.shapes import is_held_out
+    from unclip_jax.evaluation.runner import evaluate_samples
+
+    examples = [render_example(split="test", index=i, resolution=64) for i in range(540)]
+    _write_samples(str(tmp_path / "s"), examples)
+    clip_dir = write_random_clip(str(tmp_path / "clip"))
+    clip = load_pretrained(clip_dir)
+    scores = evaluate_samples(
+        str(tmp_path / "s"), clip, [e["image"] for e in examples], shapes=True
+    )
+    assert scores["frechet_clip"] == pytest.approx(0.0, abs=1e-3)  # the same pictures
+    assert scores["precision"] == scores["recall"] == 1.0
+    assert -1.0 <= scores["clip_score"] <= 1.0
+    held_out = sum(is_held_out(e["labels"]) for e in examples)
+    # 3 pairs x 3 backgrounds x 2 sizes x 5 positions
+    assert scores["shapes"]["held_out"]["count"] == held_out == 90
+    assert scores["shapes"]["seen"]["count"] == 450
+    assert scores["shapes"]["seen"]["all_attributes"] == 1.0
+    # Another picture than the prompt asks for is read as wrong.
+    swapped = [dict(e, caption=examples[(i + 1) % 540]["caption"]) for i, e in enumerate(examples)]
+    _write_samples(str(tmp_path / "w"), swapped)
+    wrong = evaluate_samples(str(tmp_path / "w"), clip, [e["image"] for e in examples], shapes=True)
+    assert wrong["shapes"]["seen"]["all_attributes"] < 0.05
+    out = tmp_path / "scores.json"
+    args = [
+        "eval",
+        "--samples",
+        str(tmp_path / "s"),
+        "--clip",
+        clip_dir,
+        "--real",
+        "shapes:64",
+        "--num-real",
+        "540",
+        "--shapes-test-size",
+        "540",
+        "--shapes-train-size",
+        "64",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0 and out.exists()
+    assert (
+        main(
+            ["eval", "--samples", str(tmp_path / "none"), "--clip", clip_dir, "--real", "shapes:64"]
+        )
+        == 2
+    )

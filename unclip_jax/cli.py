@@ -539,6 +539,49 @@ def _run_manipulation(args: argparse.Namespace, overrides: dict[str, str]) -> in
     return 0
 
 
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", required=True, help="a folder written by unclip-jax sample")
+    parser.add_argument("--clip", required=True, help="the CLIP whose features score them")
+    parser.add_argument(
+        "--real",
+        required=True,
+        metavar="SPEC",
+        help="the real images: shapes:R for the built-in set (adds the attribute reading), or "
+        "a built dataset's folder",
+    )
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--num-real", type=int, default=5_400, help="real images to compare to")
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the scores")
+    _add_dataset_args(parser)
+
+
+def _run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import json
+
+    from unclip_jax.clip import load_pretrained
+    from unclip_jax.convert.hf_clip import CheckpointKeyError
+    from unclip_jax.data.pipeline import open_dataset
+    from unclip_jax.data.sources import SourceError
+    from unclip_jax.evaluation.runner import evaluate_samples, format_scores
+
+    if overrides:
+        raise ConfigError("eval takes no --config overrides")
+    try:
+        clip = load_pretrained(args.clip)
+        source = open_dataset(args.real, args.split, data_dir=args.data_dir, **_shapes_sizes(args))
+        real = [source[i]["image"] for i in range(min(len(source), args.num_real))]
+        shapes = args.real.startswith("shapes")
+        scores = evaluate_samples(args.samples, clip, real, shapes=shapes)
+    except (FileNotFoundError, ValueError, SourceError, CheckpointKeyError) as err:
+        print(f"unclip-jax eval: error: {err}", file=sys.stderr)
+        return 2
+    print(format_scores(scores))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(scores, f, indent=2)
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="config",
@@ -587,6 +630,13 @@ COMMANDS: tuple[Command, ...] = (
         help="move an image along a caption change: slerp of z_i towards z_t(to) - z_t(from)",
         add_args=_add_textdiff_args,
         run=_run_manipulation,
+    ),
+    Command(
+        name="eval",
+        help="score samples: Frechet distance in CLIP features, CLIP score, precision/recall, "
+        "and shapes attributes",
+        add_args=_add_eval_args,
+        run=_run_eval,
     ),
     Command(
         name="export",

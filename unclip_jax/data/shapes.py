@@ -198,6 +198,26 @@ def make_caption(labels: Mapping[str, int], *, template: int = 0) -> str:
     return CAPTION_TEMPLATES[template].format(**names)
 
 
+def parse_caption(caption: str) -> dict[str, int] | None:
+    """The integer labels a caption names (the inverse of `make_caption`, any template or
+    free wording that uses the attribute words), or None when it does not name exactly one
+    value of every attribute."""
+    words = " " + " ".join(caption.lower().replace(",", " ").split()) + " "
+    labels = {}
+    for attr in ATTRIBUTES:
+        found = [i for i, name in enumerate(LABEL_NAMES[attr]) if f" {name} " in words]
+        if len(found) != 1:
+            return None
+        labels[attr] = found[0]
+    return labels
+
+
+def is_held_out(labels: Mapping[str, int]) -> bool:
+    """Whether labels pair a colour and a shape that the train split never shows."""
+    pair = (LABEL_NAMES["colour"][labels["colour"]], LABEL_NAMES["shape"][labels["shape"]])
+    return pair in HELD_OUT_PAIRS
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
