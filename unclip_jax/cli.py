@@ -582,7 +582,58 @@ def _run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="every stage's run and output go here")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer steps everywhere: a coarse result, fast"
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help=argparse.SUPPRESS,  # "test": the tiny configs, for tests
+    )
+    parser.add_argument(
+        "--steps",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="train steps of one stage (clip, prior, decoder, upsampler), repeatable",
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="sample only the first N test prompts"
+    )
+
+
+def _run_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import logging
+
+    from unclip_jax.demo import parse_steps, run_demo
+
+    if overrides:
+        raise ConfigError("demo takes no --config overrides; use --steps STAGE=N")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _set_compile_cache(None)
+    preset = args.preset or ("quick" if args.quick else "full")
+    try:
+        run_demo(
+            args.workdir,
+            preset=preset,
+            steps=parse_steps(args.steps),
+            num_prompts=args.num_prompts,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"unclip-jax demo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="demo",
+        help="the whole cascade on the built-in shapes set: train every stage, sample, evaluate",
+        add_args=_add_demo_args,
+        run=_run_demo,
+    ),
     Command(
         name="config",
         help="print a stage config as JSON after overrides (or every point of its sweep)",

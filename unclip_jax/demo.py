@@ -1,0 +1,194 @@
+"""`unclip-jax demo`: the whole cascade on the built-in `shapes` set, on one machine.
+
+Stages, in order, each in its own folder under the workdir and each resumable (a rerun skips
+what is done and resumes what is not):
+
+    clip/       train the shapes CLIP (its Hugging Face export in clip/clip)
+    embed/      embed the train and test splits with it (clip-retrieval shards)
+    prior/      train the diffusion prior on the shards
+    decoder/    train the decoder on images and captions
+    upsampler/  train one upsampler (32 -> 128 for `shapes`)
+    pipeline.json, demo_grid.png, samples/ (one image per test combination), scores.json
+
+The step counts of each preset are in PRESETS; `--steps STAGE=N` changes one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from unclip_jax.config import ConfigError, load_config
+
+log = logging.getLogger("unclip_jax.demo")
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+STAGES = ("clip", "prior", "decoder", "upsampler")
+# Train steps per stage. "full" and "quick" run the `shapes` configs; "test" the `tiny` ones
+# (seconds, for the test suite).
+PRESETS: dict[str, dict[str, int]] = {
+    "full": {"clip": 2_400, "prior": 600, "decoder": 1_500, "upsampler": 500},
+    "quick": {"clip": 300, "prior": 100, "decoder": 150, "upsampler": 50},
+    "test": {"clip": 2, "prior": 2, "decoder": 2, "upsampler": 2},
+}
+# Prompts of the grid: seen (colour, shape) pairs and the three held-out ones.
+GRID_PROMPTS = (
+    "a small red circle in the top left on a gray background",
+    "a large blue square in the center on a white background",
+    "a large yellow triangle in the bottom right on a black background",
+    "a small purple circle in the top right on a white background",
+    "a large green triangle in the center on a gray background",  # held out
+    "a small purple square in the bottom left on a black background",  # held out
+    "a large orange circle in the center on a white background",  # held out
+    "a large orange square in the top left on a gray background",
+)
+
+
+def _stage_config(stage: str, variant: str, overrides: Mapping[str, Any]) -> Any:
+    path = os.path.join(CONFIGS, f"{stage}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the demo needs the repository's configs/ (no {path})")
+    return load_config(f"{path}:{variant}", dict(overrides))
+
+
+def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[str, Any]:
+    """The four stage configs of the demo, wired to each other's outputs in `workdir`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown demo preset {preset!r}; presets: {', '.join(PRESETS)}")
+    unknown = sorted(set(steps) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--steps names no stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    counts = {**PRESETS[preset], **steps}
+    variant = "tiny" if preset == "test" else "shapes"
+    clip_dir = os.path.join(workdir, "clip", "clip")
+    embed = os.path.join(workdir, "embed")
+    common = {"data.data_dir": os.path.join(workdir, "data")}
+    extra: dict[str, dict[str, Any]] = {
+        "clip": {"eval.every": 0} if preset == "test" else {},
+        "prior": {
+            "clip.dir": clip_dir,
+            "data.embeddings_dir": os.path.join(embed, "train"),
+            "data.test_embeddings_dir": os.path.join(embed, "test"),
+            "eval.every": 0,
+        },
+        "decoder": {"clip.dir": clip_dir, "samples.every": 0},
+        "upsampler": {"samples.every": 0},
+    }
+    if preset == "test":  # the tiny decoder makes 16 px images: a 16 -> 32 upsampler
+        extra["upsampler"].update({"model.low_resolution": 16, "model.resolution": 32})
+    configs = {}
+    for stage in STAGES:
+        overrides = {**extra[stage], "train.steps": counts[stage]}
+        if stage != "prior":
+            overrides.update(common)
+        configs[stage] = _stage_config(stage, variant, overrides)
+    return configs
+
+
+def _train(stage: str, config: Any, workdir: str) -> None:
+    from unclip_jax.training import train_and_evaluate
+
+    start = time.perf_counter()
+    log.info("demo: training %s for %d steps", stage, config.train.steps)
+    train_and_evaluate(config, workdir)
+    log.info("demo: %s done in %.0f s", stage, time.perf_counter() - start)
+
+
+def _shapes_sizes(data: Any) -> dict[str, int]:
+    return {k: data[k] for k in ("train_size", "test_size") if data.get(k)}
+
+
+def test_prompts(data: Any) -> list[str]:
+    """One caption per attribute combination of the test split of a config's `data` block
+    (the first 540 examples hold each combination once)."""
+    from unclip_jax.data.pipeline import open_dataset
+    from unclip_jax.data.shapes import NUM_COMBINATIONS
+
+    test = open_dataset(
+        f"shapes:{data.resolution}", "test", data_dir=data.data_dir, **_shapes_sizes(data)
+    )
+    return [str(test[i]["caption"]) for i in range(min(NUM_COMBINATIONS, len(test)))]
+
+
+def run_demo(
+    workdir: str,
+    *,
+    preset: str = "full",
+    steps: Mapping[str, int] | None = None,
+    num_prompts: int | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) every stage of the demo and returns the evaluation's scores."""
+    from unclip_jax.clip import load_pretrained
+    from unclip_jax.data.pipeline import open_dataset
+    from unclip_jax.embed_job import embed_dataset
+    from unclip_jax.evaluation.runner import evaluate_samples, format_scores
+    from unclip_jax.sampling.cascade import Cascade, read_pipeline
+    from unclip_jax.sampling.generate import generate_to_dir
+
+    os.makedirs(workdir, exist_ok=True)
+    configs = stage_configs(workdir, preset, steps or {})
+    clip_config = configs["clip"]
+    _train("clip", clip_config, os.path.join(workdir, "clip"))
+    clip_dir = os.path.join(workdir, "clip", "clip")
+    data = clip_config.data
+    sizes = _shapes_sizes(data)
+    for split in ("train", "test"):
+        embed_dataset(
+            clip_dir,
+            f"shapes:{data.resolution}",
+            os.path.join(workdir, "embed", split),
+            split=split,
+            data_dir=data.data_dir,
+            **sizes,
+        )
+    for stage in ("prior", "decoder", "upsampler"):
+        _train(stage, configs[stage], os.path.join(workdir, stage))
+
+    pipeline = os.path.join(workdir, "pipeline.json")
+    with open(pipeline, "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "clip": "clip/clip",
+                "prior": "prior",
+                "decoder": "decoder",
+                "upsamplers": ["upsampler"],
+            },
+            f,
+            indent=2,
+        )
+    cascade = Cascade(read_pipeline([pipeline]))
+    grid = os.path.join(workdir, "grid")
+    generate_to_dir(cascade, list(GRID_PROMPTS), grid, n=1, seed=0)
+    os.replace(os.path.join(grid, "grid.png"), os.path.join(workdir, "demo_grid.png"))
+    prompts = test_prompts(data)
+    prompts = prompts[:num_prompts] if num_prompts else prompts
+    samples = os.path.join(workdir, "samples")
+    generate_to_dir(cascade, prompts, samples, n=1, seed=0)
+    decoder_data = configs["decoder"].data
+    real_source = open_dataset(
+        f"shapes:{cascade.resolution}",
+        "test",
+        data_dir=decoder_data.data_dir,
+        **_shapes_sizes(decoder_data),
+    )
+    real = [real_source[i]["image"] for i in range(min(len(real_source), 5_400))]
+    scores = evaluate_samples(samples, load_pretrained(clip_dir), real, shapes=True)
+    with open(os.path.join(workdir, "scores.json"), "w", encoding="utf-8") as f:
+        json.dump(scores, f, indent=2)
+    print(format_scores(scores))
+    return scores
+
+
+def parse_steps(pairs: list[str]) -> dict[str, int]:
+    """['prior=300'] -> {'prior': 300}."""
+    out = {}
+    for pair in pairs:
+        stage, sep, value = pair.partition("=")
+        if not sep or not value.isdigit():
+            raise ConfigError(f"--steps {pair!r}: expected STAGE=N, e.g. decoder=2000")
+        out[stage] = int(value)
+    return out
