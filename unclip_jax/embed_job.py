@@ -168,7 +168,7 @@ def embed_dataset(
             n = len(batch["caption"])
             pad = batch_size - n  # the last batch is padded to split over the devices
             ids, mask, pixels = (
-                jax.device_put(_pad_rows(batch[key], pad), by_row)
+                jax.device_put(pad_rows(batch[key], pad), by_row)
                 for key in ("input_ids", "attention_mask", "pixels")
             )
             text.append(np.asarray(model.encode_tokens(ids, mask))[:n].astype(DTYPES[dtype]))
@@ -192,7 +192,7 @@ def embed_dataset(
     return EmbedReport(written=todo, skipped=skipped, rows=rows)
 
 
-def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
     """`x` with its last row repeated `pad` more times."""
     return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
 

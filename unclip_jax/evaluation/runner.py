@@ -27,6 +27,7 @@ from PIL import Image
 
 from unclip_jax.clip import PretrainedClip, preprocess_images
 from unclip_jax.data.shapes import ATTRIBUTES, is_held_out, parse_caption
+from unclip_jax.embed_job import pad_rows
 from unclip_jax.evaluation.metrics import clip_score, frechet_distance, precision_recall
 from unclip_jax.evaluation.shapes_reader import read_shapes_image
 
@@ -54,11 +55,11 @@ def clip_features(
         chunk = list(images[start : start + batch])
         n, pad = len(chunk), batch - len(chunk)
         pixels = preprocess_images(chunk, size, mean=clip.image_mean, std=clip.image_std)
-        pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
+        pixels = pad_rows(pixels, pad)
         image_out.append(np.asarray(clip.encode_pixels(jax.device_put(pixels, rows)))[:n])
         if texts is not None:
             ids, mask = clip.tokenize(list(texts[start : start + batch]))
-            ids, mask = (np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in (ids, mask))
+            ids, mask = pad_rows(ids, pad), pad_rows(mask, pad)
             out = clip.encode_tokens(jax.device_put(ids, rows), jax.device_put(mask, rows))
             text_out.append(np.asarray(out)[:n])
     image_features = np.concatenate(image_out).astype(np.float32)

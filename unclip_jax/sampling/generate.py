@@ -29,6 +29,7 @@ from PIL import Image
 from unclip_jax.config import ConfigError
 from unclip_jax.data.images import to_uint8
 from unclip_jax.data.show import caption_grid
+from unclip_jax.embed_job import pad_rows
 from unclip_jax.parallel import global_batch
 from unclip_jax.parallel.batch import batch_sharding, process_batch_rows
 from unclip_jax.sampling.cascade import Cascade, image_keys
@@ -204,7 +205,7 @@ def generate_to_dir(
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         valid = len(chunk)
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - valid, axis=0)])
+        chunk = pad_rows(chunk, batch - valid)
         local = chunk[rows]
         tokens = cascade.tokenize([prompts[p] for p in local[:, 0]])
         tokens, ids = global_batch((tokens, local), cascade.mesh)
