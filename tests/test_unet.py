@@ -16,6 +16,7 @@ from unclip_jax.models.unet import (
     DecoderConditioning,
     ResBlock,
     UNet,
+    coordinate_grid,
     count_params,
     timestep_embedding,
     upsampler_input,
@@ -397,3 +398,15 @@ def test_count_params():
     assert count_params(params) == want
     abstract = jax.eval_shape(lambda: block.init(key(0), x, emb)["params"])
     assert count_params(abstract) == want
+
+
+def test_coordinate_channels_give_each_pixel_its_place():
+    """coord_channels appends (y, x) of each pixel centre in [-1, 1] to the input, so conv_in
+    reads 5 channels; the grid runs top to bottom and left to right."""
+    grid = np.asarray(coordinate_grid(2, 4, 8))
+    assert grid.shape == (2, 4, 8, 2)
+    np.testing.assert_allclose(grid[0, :, 0, 0], [-0.75, -0.25, 0.25, 0.75])  # y, downwards
+    np.testing.assert_allclose(grid[1, 0, :, 1], (np.arange(8) + 0.5) / 4 - 1)  # x, rightwards
+    model = UNet(in_channels=3, out_channels=3, coord_channels=True, **TINY)
+    params = jax.jit(model.init)(key(0), jnp.zeros((1, RES, RES, 3)), jnp.zeros((1,)))["params"]
+    assert nn.meta.unbox(params)["conv_in"]["kernel"].shape == (3, 3, 5, TINY["channels"])

@@ -15,6 +15,7 @@ The step counts of each preset are in PRESETS; `--steps STAGE=N` changes one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,19 +42,37 @@ STAGE_HELP = {
     "sample": "sample the grid and one image per test combination",
     "eval": "score the samples",
 }
-# Train steps per stage. "full" and "quick" run the `shapes` configs; "test" the `tiny` ones
-# (seconds, for the test suite).
-PRESETS: dict[str, dict[str, int]] = {
-    "full": {"clip": 2_400, "prior": 600, "decoder": 1_500, "upsampler": 500},
-    "quick": {"clip": 300, "prior": 100, "decoder": 150, "upsampler": 50},
-    "test": {"clip": 2, "prior": 2, "decoder": 2, "upsampler": 2},
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What one demo preset trains and samples."""
+
+    steps: dict[str, int]  # train steps per stage of STAGES
+    train_size: int = 0  # `shapes` train examples for CLIP and the decoder (0: all 50,000)
+    prompts: int | None = None  # test prompts sampled (None: all 540 combinations)
+    sampling: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> steps
+
+
+# "full" and "quick" run the `shapes` configs; "test" the `tiny` ones (seconds, for the tests).
+PRESETS: dict[str, Preset] = {
+    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 1_200, "upsampler": 300}),
+    "quick": Preset(
+        {"clip": 300, "prior": 150, "decoder": 150, "upsampler": 50},
+        train_size=10_000,
+        prompts=108,
+        sampling={"prior": "10", "decoder": "10", "upsampler": "5"},
+    ),
+    "test": Preset({"clip": 2, "prior": 2, "decoder": 2, "upsampler": 2}),
 }
 # The demo samples with DDIM (the configs' 50-64 DDPM steps made 8.5 s per image on 2 cores)
-# in batches of 32 (4 per device wastes a CPU).
+# in batches of 32 (4 per device wastes a CPU), on evenly strided steps that start at t = 999.
+# (DDIM's own spacing, "ddim25", which inversion uses, starts at t = 960, where abar = 0.004:
+# it would take x_T's pure noise for a faint image.)
 SAMPLING = {
-    "prior": {"method": "ddim", "steps": "ddim25"},
-    "decoder": {"method": "ddim", "steps": "ddim25"},
-    "upsampler": {"method": "ddim", "steps": "ddim10"},
+    "prior": {"method": "ddim", "steps": "25"},
+    "decoder": {"method": "ddim", "steps": "25"},
+    "upsampler": {"method": "ddim", "steps": "10"},
 }
 SAMPLE_BATCH = 32
 # Labelled real images that fit the evaluation's CLIP-feature attribute probe.
@@ -85,11 +104,13 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
     unknown = sorted(set(steps) - set(STAGES))
     if unknown:
         raise ConfigError(f"--steps names no stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-    counts = {**PRESETS[preset], **steps}
+    counts = {**PRESETS[preset].steps, **steps}
     variant = "tiny" if preset == "test" else "shapes"
     clip_dir = os.path.join(workdir, "clip", "clip")
     embed = os.path.join(workdir, "embed")
-    common = {"data.data_dir": os.path.join(workdir, "data")}
+    common: dict[str, Any] = {"data.data_dir": os.path.join(workdir, "data")}
+    if PRESETS[preset].train_size:
+        common["data.train_size"] = PRESETS[preset].train_size
     extra: dict[str, dict[str, Any]] = {
         "clip": {"eval.every": 0} if preset == "test" else {},
         "prior": {
@@ -110,8 +131,10 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
     configs = {}
     for stage in STAGES:
         overrides = {**extra[stage], "train.steps": counts[stage]}
-        if stage != "prior":
+        if stage in ("clip", "decoder"):
             overrides.update(common)
+        elif stage == "upsampler":  # its own, smaller build at its own resolution
+            overrides["data.data_dir"] = common["data.data_dir"]
         config = _stage_config(stage, variant, overrides)
         # A short run must still warm up and average: warm-up at most a tenth of the steps,
         # and an EMA whose horizon (1 / (1 - decay)) is at most a tenth of them too.
@@ -172,14 +195,14 @@ def run_stage(
                 **_shapes_sizes(data),
             )
     elif stage == "sample":
-        _sample(workdir, data, num_prompts)
+        _sample(workdir, data, PRESETS[preset], num_prompts)
     elif stage == "eval":
         _evaluate(workdir, configs["upsampler"])
     else:
         raise ConfigError(f"unknown demo stage {stage!r}; stages: {', '.join(DEMO_STAGES)}")
 
 
-def _sample(workdir: str, data: Any, num_prompts: int | None) -> None:
+def _sample(workdir: str, data: Any, preset: Preset, num_prompts: int | None) -> None:
     from unclip_jax.sampling.cascade import Cascade, read_pipeline
     from unclip_jax.sampling.generate import generate_to_dir
 
@@ -195,11 +218,13 @@ def _sample(workdir: str, data: Any, num_prompts: int | None) -> None:
             f,
             indent=2,
         )
-    cascade = Cascade(read_pipeline([pipeline]), settings=SAMPLING)
+    settings = {k: {**v, "steps": preset.sampling.get(k, v["steps"])} for k, v in SAMPLING.items()}
+    cascade = Cascade(read_pipeline([pipeline]), settings=settings)
     grid = os.path.join(workdir, "grid")
     generate_to_dir(cascade, list(GRID_PROMPTS), grid, n=1, seed=0, batch_size=SAMPLE_BATCH)
     os.replace(os.path.join(grid, "grid.png"), os.path.join(workdir, "demo_grid.png"))
     prompts = test_prompts(data)
+    num_prompts = num_prompts or preset.prompts
     prompts = prompts[:num_prompts] if num_prompts else prompts
     samples = os.path.join(workdir, "samples")
     generate_to_dir(cascade, prompts, samples, n=1, seed=0, batch_size=SAMPLE_BATCH)

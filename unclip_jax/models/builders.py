@@ -72,6 +72,8 @@ def decoder_from_config(
             attention_resolutions=tuple(model["attention_resolutions"]),
             head_channels=model["head_channels"],
             resolution=model["resolution"],
+            # A key newer than some saved configs: absent means the U-Net without it.
+            coord_channels=bool(model.get("coord_channels", False)),
             dtype=dtype,
             **_unet_fields(model),
         ),

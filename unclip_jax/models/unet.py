@@ -44,6 +44,14 @@ IMAGE_AXES = ("batch", "activation_height", "activation_width", "activation_chan
 TOKEN_AXES = ("batch", "activation_length", "activation_embed")
 
 
+def coordinate_grid(batch: int, height: int, width: int, dtype: Any = jnp.float32) -> Array:
+    """(B, H, W, 2): each pixel centre's (y, x), from -1 (top, left) to 1 (bottom, right)."""
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+    grid = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).astype(dtype)
+    return jnp.broadcast_to(grid, (batch, height, width, 2))
+
+
 def _pin_image(x: Array) -> Array:
     return nn.with_logical_constraint(x, IMAGE_AXES)
 
@@ -383,6 +391,10 @@ class UNet(nn.Module):
     num_groups: int = 32
     norm_eps: float = 1e-5
     scale_shift: bool = True  # ResBlock's time conditioning: scale-shift norm, or an add
+    # Two more input channels holding each pixel's (y, x) in [-1, 1]: a position signal the
+    # convolutions otherwise only get from the zero padding at the border (CoordConv). Off in
+    # the paper's and Karlo's U-Nets.
+    coord_channels: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -428,7 +440,10 @@ class UNet(nn.Module):
         if emb is not None:
             temb = temb + emb.astype(temb.dtype)
 
-        h = _conv(self.channels, name="conv_in", dtype=dt)(_pin_image(x.astype(dt)))
+        x = x.astype(dt)
+        if self.coord_channels:
+            x = jnp.concatenate([x, coordinate_grid(x.shape[0], x.shape[1], x.shape[2], dt)], -1)
+        h = _conv(self.channels, name="conv_in", dtype=dt)(_pin_image(x))
         skips = [h]
         for i, mult in enumerate(self.channel_mult):
             h, level_skips = DownBlock(
