@@ -88,6 +88,10 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         c.model.update(dropout=0.0, attention_resolutions=(8,), coord_channels=True)
         c.sampling.steps = "25"
         c.optim.update(lr=1e-3, warmup_steps=100, schedule="cosine")
+        # Batch 16 at 0.39 s a step on 2 cores (32: 0.84 s): this early, 1,000 steps of 16
+        # sample about as well as 1,000 of 32 (all five attributes right 6% both; colour 60%
+        # against 84%, position 26% against 20%), in half the time.
+        c.train.update(batch_size=16, steps=4_000)
     elif arg == "tiny":
         c.model.update(
             resolution=16,

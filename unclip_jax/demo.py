@@ -56,9 +56,9 @@ class Preset:
 
 # "full" and "quick" run the `shapes` configs; "test" the `tiny` ones (seconds, for the tests).
 PRESETS: dict[str, Preset] = {
-    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 1_200, "upsampler": 300}),
+    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 1_800, "upsampler": 300}),
     "quick": Preset(
-        {"clip": 300, "prior": 150, "decoder": 150, "upsampler": 50},
+        {"clip": 200, "prior": 100, "decoder": 150, "upsampler": 50},
         train_size=10_000,
         prompts=108,
         sampling={"prior": "10", "decoder": "10", "upsampler": "5"},
@@ -127,7 +127,9 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
     else:
         # 32 -> 64 px rather than the config's 32 -> 128: sampling 540 images at 128 px cost
         # four times as much, and 64 px already shows every attribute.
-        extra["upsampler"].update({"model.resolution": 64, "data.resolution": 64})
+        extra["upsampler"].update(
+            {"model.resolution": 64, "data.resolution": 64, "train.batch_size": 16}
+        )
     configs = {}
     for stage in STAGES:
         overrides = {**extra[stage], "train.steps": counts[stage]}
