@@ -58,7 +58,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "full": Preset({"clip": 1_200, "prior": 600, "decoder": 1_800, "upsampler": 300}),
     "quick": Preset(
-        {"clip": 200, "prior": 100, "decoder": 150, "upsampler": 50},
+        {"clip": 150, "prior": 100, "decoder": 120, "upsampler": 30},
         train_size=10_000,
         prompts=108,
         sampling={"prior": "10", "decoder": "10", "upsampler": "5"},
