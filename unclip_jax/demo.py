@@ -1,14 +1,15 @@
 """`unclip-jax demo`: the whole cascade on the built-in `shapes` set, on one machine.
 
-Stages, in order, each in its own folder under the workdir and each resumable (a rerun skips
-what is done and resumes what is not):
+Stages (DEMO_STAGES), in order, each in a process of its own and each resumable (a rerun
+skips what is done and resumes what is not), writing under the workdir:
 
     clip/       train the shapes CLIP (its Hugging Face export in clip/clip)
     embed/      embed the train and test splits with it (clip-retrieval shards)
     prior/      train the diffusion prior on the shards
     decoder/    train the decoder on images and captions
-    upsampler/  train one upsampler (32 -> 128 for `shapes`)
-    pipeline.json, demo_grid.png, samples/ (one image per test combination), scores.json
+    upsampler/  train one upsampler (32 -> 64 px)
+    pipeline.json, demo_grid.png, samples/ (one image per test combination), scores.json,
+    logs/STAGE.log, timings.json
 
 The step counts of each preset are in PRESETS; `--steps STAGE=N` changes one.
 """
