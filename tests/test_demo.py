@@ -3,13 +3,14 @@ the grid, the samples of the test prompts and the scores are written, and a reru
 
 import json
 import os
+import shutil
 
 from unclip_jax.cli import main
 from unclip_jax.data.shapes import ATTRIBUTES
 from unclip_jax.demo import DEMO_STAGES
 
 
-def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path):
+def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path, capfd):
     workdir = str(tmp_path / "demo")
     assert main(["demo", "--workdir", workdir, "--preset", "test"]) == 0
     for stage in ("clip", "prior", "decoder", "upsampler"):
@@ -36,3 +37,12 @@ def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path):
     assert main(["demo", "--workdir", workdir, "--preset", "test"]) == 0
     assert os.path.getmtime(os.path.join(workdir, "samples", rows[0]["file"])) == before
     assert main(["demo", "--workdir", workdir, "--steps", "decodr=3"]) == 2
+    # A stage that fails stops the demo with one error naming the stage and its log; the
+    # child's own error names the file at fault.
+    with open(os.path.join(workdir, "clip", "clip", "config.json"), "w") as f:
+        f.write("{not json")
+    shutil.rmtree(os.path.join(workdir, "embed"))
+    assert main(["demo", "--workdir", workdir, "--preset", "test"]) == 2
+    err = capfd.readouterr().err
+    assert "demo stage embed failed" in err and os.path.join("logs", "embed.log") in err
+    assert "clip/config.json: not JSON" in err

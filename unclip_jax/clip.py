@@ -241,8 +241,12 @@ def load_pretrained(path: str, *, dtype: Any = jnp.float32) -> PretrainedClip:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in CLIP checkpoint directory {path!r}")
-    with open(config_path, encoding="utf-8") as f:
-        config = ClipConfig.from_hf_dict(json.load(f))
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw_config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"CLIP config {config_path}: not JSON ({err})") from None
+    config = ClipConfig.from_hf_dict(raw_config)
     params = hf_to_params(_read_tensors(path), abstract_params(config), source=path)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     mean, std = CLIP_MEAN, CLIP_STD
