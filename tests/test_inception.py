@@ -114,8 +114,11 @@ def _torch_fid_inception():
             return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
 
     class InceptionE(nn.Module):
-        def __init__(self, in_channels):
+        """pytorch-fid's FIDInceptionE_1 (pool "avg") and FIDInceptionE_2 (pool "max")."""
+
+        def __init__(self, in_channels, pool):
             super().__init__()
+            self.pool_kind = pool
             self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
             self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
             self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
@@ -127,7 +130,10 @@ def _torch_fid_inception():
             self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
 
         def pool(self, x):
-            raise NotImplementedError
+            if self.pool_kind == "avg":  # TF's average pooling does not count the padding
+                return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            # The FID Inception max-pools in its last block (pytorch-fid: "likely an error").
+            return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
 
         def forward(self, x):
             branch1x1 = self.branch1x1(x)
@@ -139,16 +145,6 @@ def _torch_fid_inception():
             )
             branch_pool = self.branch_pool(self.pool(x))
             return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
-
-    class FIDInceptionE_1(InceptionE):
-        def pool(self, x):
-            # Patch: TF's average pooling does not count the padding.
-            return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-    class FIDInceptionE_2(InceptionE):
-        def pool(self, x):
-            # Patch: the FID Inception max-pools here (pytorch-fid: "likely an error").
-            return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
 
     class FIDInception3(nn.Module):
         def __init__(self):
@@ -169,8 +165,8 @@ def _torch_fid_inception():
             self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
             self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
             self.Mixed_7a = InceptionD(768)
-            self.Mixed_7b = FIDInceptionE_1(1280)
-            self.Mixed_7c = FIDInceptionE_2(2048)
+            self.Mixed_7b = InceptionE(1280, pool="avg")
+            self.Mixed_7c = InceptionE(2048, pool="max")
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.fc = nn.Linear(2048, 1008)
 
