@@ -6,12 +6,14 @@ import sys
 
 import numpy as np
 import pytest
+from step_spec_check import assert_spec_is_the_stage
 
 from unclip_jax import clip
 from unclip_jax.config import load_config
 from unclip_jax.data.embeddings import EmbeddingShards
 from unclip_jax.embed_job import embed_dataset
 from unclip_jax.training import read_metrics, train_and_evaluate
+from unclip_jax.training.stages import build_stage, build_step_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +29,14 @@ def trained_clip(tmp_path_factory):
     )
     train_and_evaluate(config, str(workdir))
     return workdir, data_dir
+
+
+def test_the_planned_clip_step_is_the_trained_one(tmp_path):
+    """`unclip-jax plan` compiles CLIP's step from the config alone: the same batch and params
+    as the stage (whose tokenizer, trained on the captions, has model.vocab_size tokens)."""
+    config = load_config(f"{ROOT}/configs/clip.py:tiny", {"data.data_dir": str(tmp_path / "data")})
+    stage = build_stage(config, str(tmp_path / "run"))
+    assert_spec_is_the_stage(build_step_spec(config), stage)
 
 
 def test_clip_trains_and_exports_a_loadable_checkpoint(trained_clip):

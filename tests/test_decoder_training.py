@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -14,7 +13,9 @@ import optax
 import pytest
 from clip_fixture import write_random_clip
 from PIL import Image
+from step_spec_check import assert_spec_is_the_stage
 
+from unclip_jax.clip import load_pretrained
 from unclip_jax.config import ConfigError, load_config
 from unclip_jax.models.builders import (
     decoder_example_inputs,
@@ -29,7 +30,7 @@ from unclip_jax.sampling import decoder_sampler, upsampler_sampler
 from unclip_jax.training.decoder_stage import check_clip_fits
 from unclip_jax.training.loop import train_and_evaluate
 from unclip_jax.training.metrics import read_metrics
-from unclip_jax.training.stages import build_stage
+from unclip_jax.training.stages import build_stage, build_step_spec
 from unclip_jax.training.state import TrainState
 from unclip_jax.training.step import make_train_step
 
@@ -128,10 +129,10 @@ def test_paper_scale_variants_shard_params_over_every_device(stage, variant):
 def test_paper_and_karlo_decoders_fit_the_clip_they_are_meant_for(variant, clip_config):
     """Karlo's decoder reads CLIP ViT-L/14's text states; the paper's has its own caption
     transformer (128 tokens of CLIP's BPE) and only needs the CLIP's embedding width."""
-    clip = SimpleNamespace(config=clip_config, tokenizer=SimpleNamespace(vocab_size=49408))
-    check_clip_fits(config("decoder", variant).model.to_dict(), clip, "clip")
+    check_clip_fits(config("decoder", variant).model.to_dict(), clip_config, 49408, "clip")
     with pytest.raises(ConfigError, match=r"'model\.clip_dim'"):
-        check_clip_fits(config("decoder", variant, **{"model.clip_dim": 512}).model, clip, "c")
+        wrong = config("decoder", variant, **{"model.clip_dim": 512}).model
+        check_clip_fits(wrong, clip_config, 49408, "c")
 
 
 # --- the decoder stage --------------------------------------------------------------------------
@@ -284,7 +285,24 @@ def test_decoder_trains_through_the_loop_and_writes_sample_grids(decoder_run):
     assert os.listdir(os.path.join(decoder_run, "tensorboard"))
 
 
+@pytest.mark.parametrize("text_encoder", ["transformer", "clip"])
+def test_the_planned_decoder_step_is_the_trained_one(clip_dir, data_dir, text_encoder):
+    """`unclip-jax plan` compiles the step from sizes alone: the same batch, frozen CLIP and
+    params as the stage built from the CLIP and data on disk."""
+    overrides = {"clip.dir": clip_dir, "data.data_dir": data_dir}
+    if text_encoder == "clip":
+        overrides.update({"model.text_encoder": "clip", "model.text_width": 32})
+    c = config("decoder", **overrides)
+    clip_config = load_pretrained(clip_dir).config
+    assert_spec_is_the_stage(build_step_spec(c, clip_config), build_stage(c))
+
+
 # --- the upsampler stage ------------------------------------------------------------------------
+
+
+def test_the_planned_upsampler_step_is_the_trained_one(data_dir):
+    c = config("upsampler", **{"data.data_dir": data_dir})
+    assert_spec_is_the_stage(build_step_spec(c), build_stage(c))
 
 
 def test_upsampler_config_errors_name_the_keys(data_dir):

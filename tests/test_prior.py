@@ -11,8 +11,10 @@ import numpy as np
 import optax
 import pytest
 from clip_fixture import write_random_clip
+from step_spec_check import assert_spec_is_the_stage
 
 from unclip_jax import diffusion as D
+from unclip_jax.clip import load_pretrained
 from unclip_jax.config import ConfigError, load_config
 from unclip_jax.data.embeddings import EmbeddingShardError, write_embedding_shard
 from unclip_jax.embed_job import embed_dataset
@@ -27,7 +29,7 @@ from unclip_jax.models.prior import (
 from unclip_jax.sampling import best_of_candidates, prior_sampler
 from unclip_jax.training.loop import train_and_evaluate
 from unclip_jax.training.metrics import read_metrics
-from unclip_jax.training.stages import build_stage
+from unclip_jax.training.stages import build_stage, build_step_spec
 from unclip_jax.training.state import TrainState
 from unclip_jax.training.step import make_train_step
 
@@ -69,6 +71,16 @@ def stage_config(shards, **overrides):
             **overrides,
         }
     )
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "autoregressive"])
+def test_the_planned_prior_step_is_the_trained_one(shards, kind, tmp_path):
+    """`unclip-jax plan` compiles the step from sizes alone: the same batch, frozen CLIP (and
+    statistics or codec) and params as the stage built from the CLIP and shards on disk."""
+    c = stage_config(shards, kind=kind)
+    clip_config = load_pretrained(shards[0]).config
+    stage = build_stage(c, str(tmp_path))
+    assert_spec_is_the_stage(build_step_spec(c, clip_config), stage)
 
 
 # --- the model ----------------------------------------------------------------------------------

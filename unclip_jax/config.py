@@ -337,13 +337,17 @@ def train_block(
     keep_checkpoints: int = 3,
     keep_every: int = 0,
     compute_dtype: str = "float32",
+    remat: bool = False,
     preemption_check_every: int = 10,
 ) -> dict[str, Any]:
     """`train.*`: the fields every stage shares (batch_size is the global batch).
 
     keep_checkpoints: the last K checkpoints kept; keep_every: every M-th step kept too (0:
     none); compute_dtype: 'float32' or 'bfloat16' for the forward and backward pass (params
-    stay float32); init_from: another run's workdir to take initial weights from;
+    stay float32); remat: the trained model recomputes each block's activations in the
+    backward pass instead of keeping them (less memory, about a third more compute; the same
+    params, so a run may turn it on or off when it resumes); init_from: another run's workdir
+    to take initial weights from;
     preemption_check_every: how often the processes of a multi-process run agree on a
     SIGTERM (one process checks every step).
     """
@@ -356,6 +360,7 @@ def train_block(
         keep_checkpoints=keep_checkpoints,
         keep_every=keep_every,
         compute_dtype=compute_dtype,
+        remat=remat,
         init_from="",
         preemption_check_every=preemption_check_every,
     )

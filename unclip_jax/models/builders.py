@@ -48,14 +48,19 @@ def caption_transformer_config(model: Mapping[str, Any], eos_token_id: int | Non
 
 
 def decoder_from_config(
-    model: Mapping[str, Any], *, dtype: Any = jnp.float32, eos_token_id: int | None = None
+    model: Mapping[str, Any],
+    *,
+    dtype: Any = jnp.float32,
+    eos_token_id: int | None = None,
+    remat: bool = False,
 ) -> Decoder:
     """The decoder of a `configs/decoder.py` model block.
 
     Out channels are 6 (mean and the learned-range variance interpolation). With
     text_encoder "transformer" the decoder owns a caption transformer that pools at
     `eos_token_id` (the tokenizer's end-of-text id; default vocab_size - 1); with "clip" it
-    reads a CLIP text tower's outputs.
+    reads a CLIP text tower's outputs. `remat` (training's `train.remat`) rematerialises the
+    U-Net's blocks and the caption transformer's layers; the params are the same either way.
     """
     if model["text_encoder"] not in TEXT_ENCODERS:
         raise ValueError(
@@ -64,7 +69,9 @@ def decoder_from_config(
     time_embed_dim = 4 * model["channels"]
     caption_encoder = None
     if model["text_encoder"] == "transformer":
-        caption_encoder = TextTransformer(caption_transformer_config(model, eos_token_id), dtype)
+        caption_encoder = TextTransformer(
+            caption_transformer_config(model, eos_token_id), dtype, remat
+        )
     return Decoder(
         unet=UNet(
             in_channels=3,
@@ -75,6 +82,7 @@ def decoder_from_config(
             # A key newer than some saved configs: absent means the U-Net without it.
             coord_channels=bool(model.get("coord_channels", False)),
             dtype=dtype,
+            remat=remat,
             **_unet_fields(model),
         ),
         text_proj=DecoderConditioning(
@@ -106,12 +114,17 @@ def decoder_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[str
 
 
 def upsampler_from_config(
-    model: Mapping[str, Any], *, learned_variance: bool = False, dtype: Any = jnp.float32
+    model: Mapping[str, Any],
+    *,
+    learned_variance: bool = False,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
 ) -> UNet:
     """The attention-free upsampler U-Net of a `configs/upsampler.py` model block.
 
     Input: the noisy high-res image and the resized low-res one (6 channels,
-    `unet.upsampler_input`); output 3 channels, or 6 with a learned-range variance.
+    `unet.upsampler_input`); output 3 channels, or 6 with a learned-range variance. `remat`
+    rematerialises its blocks in training (the same params).
     """
     return UNet(
         in_channels=6,
@@ -120,6 +133,7 @@ def upsampler_from_config(
         mid_attention=False,
         resolution=model["resolution"],
         dtype=dtype,
+        remat=remat,
         **_unet_fields(model),
     )
 
@@ -131,10 +145,11 @@ def upsampler_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[s
 
 
 def prior_from_config(
-    config: Mapping[str, Any], *, vocab_size: int, dtype: Any = jnp.float32
+    config: Mapping[str, Any], *, vocab_size: int, dtype: Any = jnp.float32, remat: bool = False
 ) -> DiffusionPrior | AutoregressivePrior:
     """The prior of a `configs/prior.py` config (its `kind`, `model` and `ar` blocks);
-    `vocab_size` is the CLIP tokenizer's (the AR prior embeds the caption's ids itself)."""
+    `vocab_size` is the CLIP tokenizer's (the AR prior embeds the caption's ids itself);
+    `remat` rematerialises its transformer blocks in training (the same params)."""
     model = config["model"]
     common = dict(
         width=model["width"],
@@ -143,6 +158,7 @@ def prior_from_config(
         text_tokens=model["text_tokens"],
         dropout=model["dropout"],
         dtype=dtype,
+        remat=remat,
     )
     if config["kind"] == "diffusion":
         return DiffusionPrior(clip_dim=model["clip_dim"], **common)

@@ -294,15 +294,20 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The stack of layers, named layers_0 ... layers_{N-1} as transformers' layers.0 ..."""
+    """The stack of layers, named layers_0 ... layers_{N-1} as transformers' layers.0 ...
+
+    With `remat` each layer recomputes its activations in the backward pass (training memory).
+    """
 
     config: TowerConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, bias: Array | None) -> Array:
+        layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = EncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x, bias)
+            x = layer(self.config, self.dtype, name=f"layers_{i}")(x, bias)
             x = nn.with_logical_constraint(x, ("batch", "activation_length", "activation_embed"))
         return x
 
@@ -349,6 +354,7 @@ class TextTransformer(nn.Module):
 
     config: TextConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each layer (see `Encoder`)
 
     @nn.compact
     def __call__(
@@ -363,7 +369,7 @@ class TextTransformer(nn.Module):
         if attention_mask is not None:
             allowed = allowed & (attention_mask[:, None, None, :] > 0)
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-        x = Encoder(c, self.dtype, name="encoder")(x, bias)
+        x = Encoder(c, self.dtype, self.remat, name="encoder")(x, bias)
         x = _layer_norm(c.layer_norm_eps, "final_layer_norm", self.dtype)(x)
         pooled = jnp.take_along_axis(
             x, eos_positions(input_ids, c.eos_token_id)[:, None, None], axis=1
@@ -419,13 +425,14 @@ class VisionTransformer(nn.Module):
 
     config: VisionConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each layer (see `Encoder`)
 
     @nn.compact
     def __call__(self, pixels: Array) -> tuple[Array, Array]:
         c = self.config
         x = VisionEmbeddings(c, self.dtype, name="embeddings")(pixels)
         x = _layer_norm(c.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic: transformers' name
-        x = Encoder(c, self.dtype, name="encoder")(x, None)
+        x = Encoder(c, self.dtype, self.remat, name="encoder")(x, None)
         pooled = _layer_norm(c.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
         return x, pooled
 
@@ -438,11 +445,12 @@ class CLIP(nn.Module):
 
     config: ClipConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each layer of both towers (see `Encoder`)
 
     def setup(self) -> None:
         c = self.config
-        self.text_model = TextTransformer(c.text, self.dtype)
-        self.vision_model = VisionTransformer(c.vision, self.dtype)
+        self.text_model = TextTransformer(c.text, self.dtype, self.remat)
+        self.vision_model = VisionTransformer(c.vision, self.dtype, self.remat)
         # In setup, the attribute names the submodule.
         self.text_projection = _dense(
             c.projection_dim, ("embed", None), None, self.dtype, use_bias=False

@@ -100,7 +100,7 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, bias: Array, *, deterministic: bool, last_only: bool = False
+        self, x: Array, bias: Array, deterministic: bool = True, last_only: bool = False
     ) -> Array:
         """x (B, T, W) -> (B, T, W), or (B, 1, W) with `last_only`: the last token's output
         alone (it attends to every token; nothing else is computed), for a final block whose
@@ -138,10 +138,13 @@ def causal_blocks(
     `last_only` the last block computes the last token alone (B, 1, W). Call it from `parent`'s
     compact `__call__`."""
     bias = causal_bias(valid)
+    # With the parent's `remat`, each block recomputes its activations in the backward pass;
+    # `deterministic` and `last_only` (arguments 3 and 4 after self) are static Python bools.
+    block = nn.remat(TransformerBlock, static_argnums=(3, 4)) if parent.remat else TransformerBlock
     for i in range(parent.layers):
-        h = TransformerBlock(
-            parent.heads, parent.dropout, parent.dtype, name=f"transformer_blocks_{i}"
-        )(h, bias, deterministic=deterministic, last_only=last_only and i == parent.layers - 1)
+        h = block(parent.heads, parent.dropout, parent.dtype, name=f"transformer_blocks_{i}")(
+            h, bias, deterministic, last_only and i == parent.layers - 1
+        )
     return h
 
 
@@ -161,6 +164,7 @@ class DiffusionPrior(nn.Module):
     text_tokens: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each transformer block in training
 
     @nn.compact
     def __call__(
@@ -306,6 +310,7 @@ class AutoregressivePrior(nn.Module):
     text_tokens: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each transformer block in training
 
     @nn.compact
     def __call__(

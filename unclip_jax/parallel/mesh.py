@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,15 +46,25 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    sizes: Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    physical_layout: bool = False,
+) -> Mesh:
     """A Mesh over `devices` (default: all) with Auto axis types (jax 0.10 defaults to Explicit).
 
     With every device, `jax.make_mesh` lays the axes out along the physical topology (the
-    `tensor` and `fsdp` axes on the fastest links); an explicit device list is used as given.
+    `tensor` and `fsdp` axes on the fastest links); an explicit device list is used as given,
+    or with `physical_layout` laid out along its topology too (e.g. the devices of a TPU
+    topology description that are not this process's backend).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(sizes, len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if physical_layout:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if len(devices) == jax.device_count():
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)

@@ -332,9 +332,11 @@ class Cascade:
                 f"were trained with {candidates or 'no clip.dir'})"
             )
         clip = load_pretrained(found)
-        check_clip_fits(self.decoder_weights.config.model, clip, found)
+        check_clip_fits(
+            self.decoder_weights.config.model, clip.config, clip.tokenizer.vocab_size, found
+        )
         if self.prior_weights is not None:
-            check_prior_fits_clip(self.prior_weights.config.model, clip, found)
+            check_prior_fits_clip(self.prior_weights.config.model, clip.config, found)
         self.clip_dir = found
         return clip
 

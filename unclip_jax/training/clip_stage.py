@@ -31,7 +31,15 @@ from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
 from unclip_jax.models.clip import init_params as init_clip_params
 from unclip_jax.models.clip_tokenizer import ClipTokenizer
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
+from unclip_jax.training.stages import (
+    Hook,
+    HookContext,
+    Stage,
+    StepSpec,
+    register_stage,
+    register_step_spec,
+    stage_pipeline,
+)
 
 log = logging.getLogger("unclip_jax.train")
 
@@ -128,6 +136,38 @@ def _export_hook(
     return Hook("export", config.train.steps, run)
 
 
+def _clip_step(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> dict[str, Any]:
+    """The CLIP, its init and contrastive loss: what training and planning share."""
+    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    model = CLIP(clip_config, dtype=dtype, remat=config.train.get("remat", False))
+
+    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, frozen: None) -> tuple:
+        del rng, frozen
+        z_t, z_i, scale = model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"]
+        )
+        return contrastive_loss(z_t, z_i, scale)
+
+    return dict(init_params=functools.partial(init_clip_params, model), loss_fn=loss_fn)
+
+
+@register_step_spec("clip")
+def clip_step_spec(config: ml_collections.ConfigDict, clip_config: None = None) -> StepSpec:
+    """CLIP's contrastive train step, its vocabulary the config's `model.vocab_size`."""
+    del clip_config
+    clip_config = ClipConfig.from_model_config(config.model.to_dict())
+    tokens, size = clip_config.context_length, clip_config.vision.image_size
+    return StepSpec(
+        init_params=(step := _clip_step(config, clip_config))["init_params"],
+        loss_fn=step["loss_fn"],
+        batch_row={
+            "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
+            "attention_mask": jax.ShapeDtypeStruct((tokens,), np.int32),
+            "pixels": jax.ShapeDtypeStruct((size, size, 3), np.float32),
+        },
+    )
+
+
 @register_stage("clip")
 def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """CLIP from scratch: init, the symmetric contrastive loss, image-text batches, hooks."""
@@ -141,24 +181,14 @@ def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = No
             "eos_token_id": tokenizer.eos_id,
         }
     )
-    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
-    model = CLIP(clip_config, dtype=dtype)
-
-    def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, frozen: None) -> tuple:
-        del rng, frozen
-        z_t, z_i, scale = model.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"]
-        )
-        return contrastive_loss(z_t, z_i, scale)
-
+    step = _clip_step(config, clip_config)
     transform = example_transform(tokenizer, clip_config)
-
     hooks = [_export_hook(config, tokenizer, clip_config)]
     if config.eval.every > 0:
         hooks.insert(0, _retrieval_hook(config, tokenizer, clip_config))
     return Stage(
-        init_params=functools.partial(init_clip_params, model),
-        loss_fn=loss_fn,
+        init_params=step["init_params"],
+        loss_fn=step["loss_fn"],
         make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
     )

@@ -22,16 +22,25 @@ import numpy as np
 
 from unclip_jax import diffusion as D
 from unclip_jax.clip import PretrainedClip, example_transform, load_pretrained
+from unclip_jax.clip import abstract_params as abstract_clip_params
 from unclip_jax.config import ConfigError
 from unclip_jax.data.images import resize, to_float
 from unclip_jax.data.pipeline import dataset_spec, open_dataset
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
-from unclip_jax.models.clip import CLIP
+from unclip_jax.models.clip import CLIP, ClipConfig
 from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import decoder_conditioning, decoder_sampler
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import write_sample_grid
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
+from unclip_jax.training.stages import (
+    Hook,
+    HookContext,
+    Stage,
+    StepSpec,
+    register_stage,
+    register_step_spec,
+    stage_pipeline,
+)
 from unclip_jax.training.step import COMPUTE_DTYPES, cast_floats
 
 Array = jax.Array
@@ -53,16 +62,19 @@ def load_frozen_clip(config: ml_collections.ConfigDict) -> PretrainedClip:
     return load_pretrained(path)
 
 
-def check_clip_fits(model: Mapping[str, Any], clip: PretrainedClip, path: str) -> None:
-    """ConfigError naming the first model key that disagrees with the CLIP at `path`."""
-    c = clip.config
+def check_clip_fits(
+    model: Mapping[str, Any], clip_config: ClipConfig, vocab_size: int, path: str
+) -> None:
+    """ConfigError naming the first model key that disagrees with the CLIP at `path` (of
+    `clip_config`, whose tokenizer has `vocab_size` tokens)."""
+    c = clip_config
     wanted = {"clip_dim": c.projection_dim}
     if model["text_encoder"] == "clip":
         wanted.update(text_width=c.text.hidden_size, text_tokens=c.context_length)
-    elif clip.tokenizer.vocab_size > model["vocab_size"]:
+    elif vocab_size > model["vocab_size"]:
         raise ConfigError(
             f"config key 'model.vocab_size' is {model['vocab_size']}, but the tokenizer of "
-            f"{path} has {clip.tokenizer.vocab_size} tokens"
+            f"{path} has {vocab_size} tokens"
         )
     for key, value in wanted.items():
         if model[key] != value:
@@ -143,29 +155,25 @@ def _sample_hook(
     return Hook("samples", config.samples.every, run)
 
 
-@register_stage("decoder")
-def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
-    """The decoder with the hybrid loss, guidance dropout and CLIP conditioning."""
-    del workdir
-    clip = load_frozen_clip(config)
-    check_clip_fits(config.model, clip, config.clip.dir)
+def _decoder_step(
+    config: ml_collections.ConfigDict, clip_config: ClipConfig, eos_token_id: int
+) -> dict[str, Any]:
+    """The decoder, its conditioning, init and loss: what training and planning share."""
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
-    # A host copy in the compute dtype: the loop replicates it on the mesh.
-    clip_params = cast_floats(jax.device_get(clip.params), dtype)
     model_config = config.model.to_dict()
-    decoder = decoder_from_config(model_config, dtype=dtype, eos_token_id=clip.tokenizer.eos_id)
-    clip_model = CLIP(clip.config, dtype=dtype)
+    decoder = decoder_from_config(
+        model_config,
+        dtype=dtype,
+        eos_token_id=eos_token_id,
+        remat=config.train.get("remat", False),
+    )
     encode = decoder_conditioning(
-        clip_model,
+        CLIP(clip_config, dtype=dtype),
         text_encoder=model_config["text_encoder"],
         unit_z_i=model_config.get("unit_z_i", True),
     )
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     guidance = config.guidance
-    spec, kwargs = dataset_spec(config.data)
-    train_source = open_dataset(spec, "train", **kwargs)
-    check_image_size(train_source, clip.config.vision.image_size, spec)
-    transform = decoder_transform(clip, model_config["resolution"], model_config["text_tokens"])
 
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
         cond = encode(frozen["clip"], batch)
@@ -191,12 +199,67 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
             apply, batch["image"], diffusion_key, sched=sched, diffusion=config.diffusion
         )
 
+    init_params = functools.partial(init_module, decoder, decoder_example_inputs(model_config))
+    return dict(decoder=decoder, encode=encode, loss_fn=loss_fn, init_params=init_params)
+
+
+def decoder_batch_row(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> dict:
+    """ShapeDtypeStructs of one row of the decoder's batches (`decoder_transform`'s output)."""
+    res, size, tokens = (
+        config.model.resolution,
+        clip_config.vision.image_size,
+        config.model.text_tokens,
+    )
+    return {
+        "image": jax.ShapeDtypeStruct((res, res, 3), np.float32),
+        "clip_pixels": jax.ShapeDtypeStruct((size, size, 3), np.float32),
+        "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
+        "text_mask": jax.ShapeDtypeStruct((tokens,), np.bool_),
+    }
+
+
+def frozen_clip_spec(clip_config: ClipConfig, dtype: Any) -> Any:
+    """ShapeDtypeStructs of a frozen CLIP's params as a stage holds them (in `dtype`)."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_clip_params(clip_config)
+    )
+
+
+@register_step_spec("decoder", clip_conditioned=True)
+def decoder_step_spec(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> StepSpec:
+    """The decoder's train step for a CLIP of `clip_config`, with no CLIP or data on disk."""
+    check_clip_fits(config.model, clip_config, clip_config.text.vocab_size, "the planned CLIP")
+    step = _decoder_step(config, clip_config, clip_config.text.eos_token_id)
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    return StepSpec(
+        init_params=step["init_params"],
+        loss_fn=step["loss_fn"],
+        batch_row=decoder_batch_row(config, clip_config),
+        frozen={"clip": frozen_clip_spec(clip_config, dtype)},
+    )
+
+
+@register_stage("decoder")
+def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
+    """The decoder with the hybrid loss, guidance dropout and CLIP conditioning."""
+    del workdir
+    clip = load_frozen_clip(config)
+    check_clip_fits(config.model, clip.config, clip.tokenizer.vocab_size, config.clip.dir)
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    # A host copy in the compute dtype: the loop replicates it on the mesh.
+    clip_params = cast_floats(jax.device_get(clip.params), dtype)
+    model_config = config.model.to_dict()
+    step = _decoder_step(config, clip.config, clip.tokenizer.eos_id)
+    spec, kwargs = dataset_spec(config.data)
+    train_source = open_dataset(spec, "train", **kwargs)
+    check_image_size(train_source, clip.config.vision.image_size, spec)
+    transform = decoder_transform(clip, model_config["resolution"], model_config["text_tokens"])
     hooks = []
     if config.samples.every > 0:
-        hooks.append(_sample_hook(config, decoder, encode, clip_params, transform))
+        hooks.append(_sample_hook(config, step["decoder"], step["encode"], clip_params, transform))
     return Stage(
-        init_params=functools.partial(init_module, decoder, decoder_example_inputs(model_config)),
-        loss_fn=loss_fn,
+        init_params=step["init_params"],
+        loss_fn=step["loss_fn"],
         make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
         frozen={"clip": clip_params},

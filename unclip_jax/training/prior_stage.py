@@ -41,7 +41,7 @@ from unclip_jax.config import ConfigError
 from unclip_jax.data.embeddings import EmbeddingShards
 from unclip_jax.embed_job import clip_digest, read_manifest
 from unclip_jax.models.builders import init_module, prior_example_inputs, prior_from_config
-from unclip_jax.models.clip import CLIP
+from unclip_jax.models.clip import CLIP, ClipConfig
 from unclip_jax.models.prior import (
     denormalize_embedding,
     fit_embedding_stats,
@@ -58,10 +58,18 @@ from unclip_jax.models.prior_codec import (
 )
 from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import ar_prior_sampler, prior_sampler, prior_text_conditioning
-from unclip_jax.training.decoder_stage import load_frozen_clip
+from unclip_jax.training.decoder_stage import frozen_clip_spec, load_frozen_clip
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import gather_to_host
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
+from unclip_jax.training.stages import (
+    Hook,
+    HookContext,
+    Stage,
+    StepSpec,
+    register_stage,
+    register_step_spec,
+    stage_pipeline,
+)
 from unclip_jax.training.step import COMPUTE_DTYPES, cast_floats
 
 Array = jax.Array
@@ -74,9 +82,9 @@ CODEC_FILE = "prior_codec.safetensors"
 STATS_ROWS = 200_000
 
 
-def check_prior_fits_clip(model: Mapping[str, Any], clip: PretrainedClip, path: str) -> None:
+def check_prior_fits_clip(model: Mapping[str, Any], clip_config: ClipConfig, path: str) -> None:
     """ConfigError naming the first model key that disagrees with the CLIP at `path`."""
-    wanted = {"clip_dim": clip.config.projection_dim, "text_tokens": clip.config.context_length}
+    wanted = {"clip_dim": clip_config.projection_dim, "text_tokens": clip_config.context_length}
     for key, value in wanted.items():
         if model[key] != value:
             raise ConfigError(
@@ -266,10 +274,14 @@ def _eval_hook(
     return Hook("eval", config.eval.every, run)
 
 
-def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
-    """init, loss, sampler and frozen extras of the diffusion prior."""
-    stats = embedding_stats(config, train_source, workdir)
-    prior = prior_from_config(config, vocab_size=clip.config.text.vocab_size, dtype=dtype)
+def _diffusion_step(config, clip_config, encode, dtype) -> dict[str, Any]:
+    """The diffusion prior, its init and loss (the stats come in `frozen["stats"]`)."""
+    prior = prior_from_config(
+        config,
+        vocab_size=clip_config.text.vocab_size,
+        dtype=dtype,
+        remat=config.train.get("remat", False),
+    )
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     emb = config.embedding
     drop_prob = config.guidance.cond_drop_prob
@@ -298,11 +310,14 @@ def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict
         return denoising_loss(apply, x0, diffusion_key, sched=sched, diffusion=config.diffusion)
 
     init_params = functools.partial(
-        init_module,
-        prior,
-        prior_example_inputs(config, text_width=clip.config.text.hidden_size),
+        init_module, prior, prior_example_inputs(config, text_width=clip_config.text.hidden_size)
     )
+    return dict(prior=prior, init_params=init_params, loss_fn=loss_fn)
 
+
+def _diffusion_sampler(config, prior, stats) -> Callable[..., Array]:
+    """`sample(params, cond, key)`: the diffusion prior's z_i for `cond`'s captions."""
+    emb = config.embedding
     decode = functools.partial(
         denormalize_embedding, method=emb.normalization, scale=emb.embed_scale, stats=stats
     )
@@ -317,7 +332,7 @@ def _diffusion_parts(config, clip, train_source, workdir, encode, dtype) -> dict
     def sample(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
         return sampler(params, {k: cond[k] for k in ("z_t", "text_states", "text_mask")}, key)
 
-    return dict(init_params=init_params, loss_fn=loss_fn, sample=sample, frozen={"stats": stats})
+    return sample
 
 
 def prior_codec(
@@ -355,11 +370,14 @@ def prior_codec(
     )
 
 
-def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) -> dict[str, Any]:
-    """init, loss, sampler and frozen extras of the autoregressive prior."""
-    ar = config.ar
-    codec = jax.tree.map(np.asarray, prior_codec(config, train_source, workdir))
-    prior = prior_from_config(config, vocab_size=clip.config.text.vocab_size, dtype=dtype)
+def _autoregressive_step(config, clip_config, encode, dtype) -> dict[str, Any]:
+    """The autoregressive prior, its init and loss (the codec comes in `frozen["codec"]`)."""
+    prior = prior_from_config(
+        config,
+        vocab_size=clip_config.text.vocab_size,
+        dtype=dtype,
+        remat=config.train.get("remat", False),
+    )
     drop_prob = config.guidance.cond_drop_prob
 
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
@@ -386,11 +404,14 @@ def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) ->
         return jnp.mean(nll), {"token_accuracy": accuracy}
 
     init_params = functools.partial(
-        init_module,
-        prior,
-        prior_example_inputs(config, text_width=clip.config.text.hidden_size),
+        init_module, prior, prior_example_inputs(config, text_width=clip_config.text.hidden_size)
     )
+    return dict(prior=prior, init_params=init_params, loss_fn=loss_fn)
 
+
+def _autoregressive_sampler(config, prior, codec) -> Callable[..., Array]:
+    """`sample(params, cond, key)`: the AR prior's z_i for `cond`'s captions."""
+    ar = config.ar
     sampler = ar_prior_sampler(
         prior,
         temperature=ar.temperature,
@@ -407,41 +428,99 @@ def _autoregressive_parts(config, clip, train_source, workdir, encode, dtype) ->
         }
         return sampler(params, codec, inputs, key)
 
-    return dict(init_params=init_params, loss_fn=loss_fn, sample=sample, frozen={"codec": codec})
+    return sample
+
+
+def check_prior_kind(config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming a `kind` or AR sampling setting out of range."""
+    if config.kind not in PRIOR_KINDS:
+        raise ConfigError(
+            f"config key 'kind' is {config.kind!r}; valid values: {', '.join(PRIOR_KINDS)}"
+        )
+    if config.kind == "autoregressive":
+        if not config.ar.temperature > 0:
+            raise ConfigError(f"config key 'ar.temperature' is {config.ar.temperature}: > 0")
+        if not 0 < config.ar.top_p <= 1:
+            raise ConfigError(f"config key 'ar.top_p' is {config.ar.top_p}: in (0, 1]")
+
+
+def _frozen_extras_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """ShapeDtypeStructs of what a prior fits on its shards: the "standardize" statistics, or
+    the AR prior's codec (its shapes follow from the config alone)."""
+    dim = config.model.clip_dim
+    if config.kind == "diffusion":
+        if config.embedding.normalization != "standardize":
+            return {"stats": None}
+        row = jax.ShapeDtypeStruct((dim,), np.float32)
+        return {"stats": {"clip_mean": row, "clip_std": row}}
+    ar = config.ar
+    # A codec fitted to random rows has the shapes of one fitted to real embeddings.
+    rows = np.random.default_rng(0).normal(size=(max(4 * ar.pca_components, 64), dim))
+    codec = fit_codec(
+        np.asarray(unit_norm(rows), np.float32),
+        np.asarray(unit_norm(rows[::-1]), np.float32),
+        components=ar.pca_components,
+        num_buckets=ar.num_buckets,
+        method=ar.bucketing,
+        clip_quantile=ar.clip_quantile,
+    )
+    return {"codec": jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), codec)}
+
+
+@register_step_spec("prior", clip_conditioned=True)
+def prior_step_spec(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> StepSpec:
+    """The prior's train step for a CLIP of `clip_config`, with no CLIP or shards on disk."""
+    check_prior_kind(config)
+    check_prior_fits_clip(config.model, clip_config, "the planned CLIP")
+    dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+    encode = prior_text_conditioning(CLIP(clip_config, dtype=dtype))
+    build = _diffusion_step if config.kind == "diffusion" else _autoregressive_step
+    step = build(config, clip_config, encode, dtype)
+    tokens = clip_config.context_length
+    return StepSpec(
+        init_params=step["init_params"],
+        loss_fn=step["loss_fn"],
+        batch_row={
+            "z_i": jax.ShapeDtypeStruct((config.model.clip_dim,), np.float32),
+            "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
+            "text_mask": jax.ShapeDtypeStruct((tokens,), np.bool_),
+        },
+        frozen={"clip": frozen_clip_spec(clip_config, dtype), **_frozen_extras_spec(config)},
+    )
 
 
 @register_stage("prior")
 def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """The diffusion or autoregressive prior (`kind`) on embedding shards, conditioned by the
     frozen CLIP's text tower."""
-    if config.kind not in PRIOR_KINDS:
-        raise ConfigError(
-            f"config key 'kind' is {config.kind!r}; valid values: {', '.join(PRIOR_KINDS)}"
-        )
+    check_prior_kind(config)
     clip = load_frozen_clip(config)
-    check_prior_fits_clip(config.model, clip, config.clip.dir)
+    check_prior_fits_clip(config.model, clip.config, config.clip.dir)
     train_source = open_shards(
         config.data.embeddings_dir, "data.embeddings_dir", config.model.clip_dim
     )
     check_shards_come_from(config.data.embeddings_dir, config.clip.dir)
-    if config.kind == "autoregressive":
-        if not config.ar.temperature > 0:
-            raise ConfigError(f"config key 'ar.temperature' is {config.ar.temperature}: > 0")
-        if not 0 < config.ar.top_p <= 1:
-            raise ConfigError(f"config key 'ar.top_p' is {config.ar.top_p}: in (0, 1]")
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     # A host copy in the compute dtype: the loop replicates it on the mesh.
     clip_params = cast_floats(jax.device_get(clip.params), dtype)
     encode = prior_text_conditioning(CLIP(clip.config, dtype=dtype))
-    build = _diffusion_parts if config.kind == "diffusion" else _autoregressive_parts
-    parts = build(config, clip, train_source, workdir, encode, dtype)
+    if config.kind == "diffusion":
+        step = _diffusion_step(config, clip.config, encode, dtype)
+        stats = embedding_stats(config, train_source, workdir)
+        sample = _diffusion_sampler(config, step["prior"], stats)
+        extras = {"stats": stats}
+    else:
+        step = _autoregressive_step(config, clip.config, encode, dtype)
+        codec = jax.tree.map(np.asarray, prior_codec(config, train_source, workdir))
+        sample = _autoregressive_sampler(config, step["prior"], codec)
+        extras = {"codec": codec}
     hooks = []
     if config.eval.every > 0:
-        hooks.append(_eval_hook(config, parts["sample"], encode, clip, clip_params))
+        hooks.append(_eval_hook(config, sample, encode, clip, clip_params))
     return Stage(
-        init_params=parts["init_params"],
-        loss_fn=parts["loss_fn"],
+        init_params=step["init_params"],
+        loss_fn=step["loss_fn"],
         make_data=functools.partial(stage_pipeline, config, train_source, prior_transform(clip)),
         hooks=tuple(hooks),
-        frozen={"clip": clip_params, **parts["frozen"]},
+        frozen={"clip": clip_params, **extras},
     )

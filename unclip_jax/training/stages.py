@@ -61,6 +61,22 @@ class Hook:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """A stage's train step with nothing read from disk: what `unclip-jax plan` compiles.
+
+    The stage's builder makes its `init_params` and `loss_fn` the same way (one function in
+    the stage's module serves both). `batch_row` holds the ShapeDtypeStructs of one example
+    as the stage's data pipeline gives it (a global batch adds the leading batch axis);
+    `frozen` those of the frozen inputs (None: the stage has none).
+    """
+
+    init_params: InitParams
+    loss_fn: LossFn
+    batch_row: Any
+    frozen: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
     """Everything stage-specific that the generic loop needs."""
 
@@ -75,6 +91,12 @@ class Stage:
 # files that must stay fixed across resumes (e.g. a tokenizer trained at the first start).
 StageBuilder = Callable[..., Stage]
 _REGISTRY: dict[str, StageBuilder] = {}
+# spec_builder(config, clip_config) -> StepSpec; clip_config is the frozen CLIP's ClipConfig
+# for the stages conditioned on one (None for the others).
+StepSpecBuilder = Callable[..., StepSpec]
+_SPEC_REGISTRY: dict[str, StepSpecBuilder] = {}
+# The stages whose train step runs a frozen CLIP (their StepSpec needs its ClipConfig).
+CLIP_CONDITIONED: set[str] = set()
 # Modules that register the project's stages when imported (added as stages land).
 STAGE_MODULES: tuple[str, ...] = (
     "unclip_jax.training.clip_stage",
@@ -114,6 +136,41 @@ def register_stage(name: str) -> Callable[[StageBuilder], StageBuilder]:
         return builder
 
     return register
+
+
+def register_step_spec(
+    name: str, *, clip_conditioned: bool = False
+) -> Callable[[StepSpecBuilder], StepSpecBuilder]:
+    """Decorator: registers `spec_builder(config, clip_config) -> StepSpec` for stage `name`
+    (`clip_conditioned`: its step runs a frozen CLIP, whose ClipConfig it needs)."""
+
+    def register(builder: StepSpecBuilder) -> StepSpecBuilder:
+        _SPEC_REGISTRY[name] = builder
+        if clip_conditioned:
+            CLIP_CONDITIONED.add(name)
+        return builder
+
+    return register
+
+
+def needs_clip(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.stage`'s train step runs a frozen CLIP (the decoder's, the prior's)."""
+    registered_stages()
+    return config.get("stage") in CLIP_CONDITIONED
+
+
+def build_step_spec(config: ml_collections.ConfigDict, clip_config: Any = None) -> StepSpec:
+    """The StepSpec of `config.stage` (a ConfigError names the stages that have one, or says
+    that this stage needs the frozen CLIP's `clip_config`)."""
+    registered_stages()
+    name = config.get("stage")
+    if name not in _SPEC_REGISTRY:
+        raise ConfigError(
+            f"stage {name!r} has no train step to plan; stages: {', '.join(sorted(_SPEC_REGISTRY))}"
+        )
+    if name in CLIP_CONDITIONED and clip_config is None:
+        raise ConfigError(f"the {name} stage's train step runs a frozen CLIP: give its config")
+    return _SPEC_REGISTRY[name](config, clip_config)
 
 
 def registered_stages() -> list[str]:

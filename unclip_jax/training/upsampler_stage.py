@@ -29,7 +29,15 @@ from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import upsampler_sampler
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.samples import gather_to_host, write_sample_grid
-from unclip_jax.training.stages import Hook, HookContext, Stage, register_stage, stage_pipeline
+from unclip_jax.training.stages import (
+    Hook,
+    HookContext,
+    Stage,
+    StepSpec,
+    register_stage,
+    register_step_spec,
+    stage_pipeline,
+)
 from unclip_jax.training.step import COMPUTE_DTYPES
 
 Array = jax.Array
@@ -88,31 +96,15 @@ def _sample_hook(config: ml_collections.ConfigDict, unet: Any, scale: int) -> Ho
     return Hook("samples", config.samples.every, run)
 
 
-@register_stage("upsampler")
-def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
-    """An upsampler trained on degraded random crops, sampling whole images."""
-    del workdir
-    scale = upsampler_scale(config)
+def _upsampler_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The upsampler U-Net, its init and loss: what training and planning share."""
     model_config = config.model.to_dict()
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     learned = config.diffusion.variance == "learned_range"
-    unet = upsampler_from_config(model_config, learned_variance=learned, dtype=dtype)
-    sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
-    spec, kwargs = dataset_spec(config.data)
-    train_source = open_dataset(spec, "train", **kwargs)
-    size = train_source[0]["image"].shape[:2]
-    if min(size) < model_config["resolution"]:
-        raise ConfigError(
-            f"the images of {spec} are {size[0]}x{size[1]}, smaller than model.resolution "
-            f"{model_config['resolution']}: build the dataset at that resolution"
-        )
-    transform = upsampler_views(
-        scale=scale,
-        crop_fraction=config.train_crop / model_config["resolution"],
-        kind=config.degradation.kind,
-        blur_kernel_size=config.degradation.blur_kernel,
-        blur_sigma=config.degradation.blur_sigma,
+    unet = upsampler_from_config(
+        model_config, learned_variance=learned, dtype=dtype, remat=config.train.get("remat", False)
     )
+    sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
 
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: None) -> tuple:
         del frozen
@@ -133,12 +125,54 @@ def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None
             apply, batch["high"], diffusion_key, sched=sched, diffusion=config.diffusion
         )
 
+    init_params = functools.partial(init_module, unet, upsampler_example_inputs(model_config))
+    return dict(unet=unet, init_params=init_params, loss_fn=loss_fn)
+
+
+@register_step_spec("upsampler")
+def upsampler_step_spec(config: ml_collections.ConfigDict, clip_config: None = None) -> StepSpec:
+    """The upsampler's train step on `train_crop` crops (`upsampler_views`' rows)."""
+    del clip_config
+    scale = upsampler_scale(config)
+    crop = config.train_crop
+    return StepSpec(
+        init_params=(step := _upsampler_step(config))["init_params"],
+        loss_fn=step["loss_fn"],
+        batch_row={
+            "high": jax.ShapeDtypeStruct((crop, crop, 3), np.float32),
+            "low": jax.ShapeDtypeStruct((crop // scale, crop // scale, 3), np.float32),
+        },
+    )
+
+
+@register_stage("upsampler")
+def build_upsampler_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
+    """An upsampler trained on degraded random crops, sampling whole images."""
+    del workdir
+    scale = upsampler_scale(config)
+    model_config = config.model.to_dict()
+    step = _upsampler_step(config)
+    spec, kwargs = dataset_spec(config.data)
+    train_source = open_dataset(spec, "train", **kwargs)
+    size = train_source[0]["image"].shape[:2]
+    if min(size) < model_config["resolution"]:
+        raise ConfigError(
+            f"the images of {spec} are {size[0]}x{size[1]}, smaller than model.resolution "
+            f"{model_config['resolution']}: build the dataset at that resolution"
+        )
+    transform = upsampler_views(
+        scale=scale,
+        crop_fraction=config.train_crop / model_config["resolution"],
+        kind=config.degradation.kind,
+        blur_kernel_size=config.degradation.blur_kernel,
+        blur_sigma=config.degradation.blur_sigma,
+    )
     hooks = []
     if config.samples.every > 0:
-        hooks.append(_sample_hook(config, unet, scale))
+        hooks.append(_sample_hook(config, step["unet"], scale))
     return Stage(
-        init_params=functools.partial(init_module, unet, upsampler_example_inputs(model_config)),
-        loss_fn=loss_fn,
+        init_params=step["init_params"],
+        loss_fn=step["loss_fn"],
         make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
     )
