@@ -34,7 +34,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8.3,<10", "pytest-xdist>=3.6,<4", "ruff>=0.15,<0.18", "scipy>=1.14,<2"],
-    "tpu": ["jax[tpu]>=0.10.0,<0.11"],
+    # TPU VMs: libtpu, and gcsfs so that a workdir on gs:// works (orbax and etils.epath).
+    # libtpu alone also lets `unclip-jax plan` compile for TPU topologies on any machine.
+    "tpu": ["jax[tpu]>=0.10.0,<0.11", "gcsfs>=2024.2"],
+    "gcs": ["gcsfs>=2024.2"],
     "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
     "cuda13": ["jax[cuda13]>=0.10.0,<0.11"],
     # Only for parity tests and benchmarks against the PyTorch implementations. torch 2.13.0

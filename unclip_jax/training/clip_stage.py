@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from unclip_jax.clip import (
     CLIP_MEAN,
@@ -31,6 +32,7 @@ from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
 from unclip_jax.models.clip import init_params as init_clip_params
 from unclip_jax.models.clip_tokenizer import ClipTokenizer
+from unclip_jax.training.files import copy_tree, is_remote, local_dir_of
 from unclip_jax.training.stages import (
     Hook,
     HookContext,
@@ -55,15 +57,25 @@ def clip_tokenizer(
     """
     if config.model.get("tokenizer_dir"):
         return ClipTokenizer.from_dir(config.model.tokenizer_dir)
-    saved = os.path.join(workdir, "tokenizer") if workdir else None
-    if saved and os.path.exists(os.path.join(saved, "tokenizer.json")):
-        return ClipTokenizer.from_dir(saved)
+    saved = epath.Path(workdir, "tokenizer") if workdir else None
+    if saved and (saved / "tokenizer.json").exists():
+        return ClipTokenizer.from_dir(local_dir_of(saved))
     count = min(len(source), config.model.get("tokenizer_captions", 10_000))
     captions = [str(source[i]["caption"]) for i in range(count)]
     tokenizer = ClipTokenizer.train(captions, vocab_size=config.model.vocab_size)
     if saved and jax.process_index() == 0:
-        tokenizer.save(saved)
+        _save_through_local(saved, tokenizer.save)
     return tokenizer
+
+
+def _save_through_local(out: epath.Path, save: Any) -> None:
+    """`save(directory)` into `out`, through a local directory when `out` is a URI."""
+    if not is_remote(out):
+        save(str(out))
+        return
+    with tempfile.TemporaryDirectory() as local:
+        save(local)
+        copy_tree(local, out)
 
 
 def _retrieval_hook(
@@ -126,9 +138,12 @@ def _export_hook(
             return None
         params = jax.device_get(ctx.state.ema_params)
         if jax.process_index() == 0:
-            out = os.path.join(ctx.workdir, "clip")
-            save_pretrained(
-                out, clip_config, params, tokenizer, image_mean=CLIP_MEAN, image_std=CLIP_STD
+            out = epath.Path(ctx.workdir, "clip")
+            _save_through_local(
+                out,
+                lambda d: save_pretrained(
+                    d, clip_config, params, tokenizer, image_mean=CLIP_MEAN, image_std=CLIP_STD
+                ),
             )
             log.info("wrote the trained CLIP (EMA params) to %s", out)
         return None

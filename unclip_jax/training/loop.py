@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ from unclip_jax.training.checkpoint import (
     save_checkpoint,
     saved_state_metadata,
 )
+from unclip_jax.training.files import workdir_path
 from unclip_jax.training.metrics import MetricsWriter
 from unclip_jax.training.optim import make_optimizer
 from unclip_jax.training.stages import HookContext, Stage, build_stage
@@ -227,7 +229,7 @@ def train_and_evaluate(
     schedule: a later invocation continues it exactly. Returns the final state.
     """
     # ---- set-up -------------------------------------------------------------------------
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_path(workdir)
     is_main = jax.process_index() == 0
     train = config.train
     stage = stage if stage is not None else build_stage(config, workdir)
@@ -292,8 +294,8 @@ def train_and_evaluate(
             info = run_info(mesh)
             log.info("config:\n%s", json.dumps(config_dict, indent=2, sort_keys=True))
             log.info("run: %s", json.dumps(info))
-            with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-                json.dump({"start_step": start, **info, "config": config_dict}, f, indent=2)
+            record = {"start_step": start, **info, "config": config_dict}
+            epath.Path(workdir, "run_info.json").write_text(json.dumps(record, indent=2))
             writer.write_text(start, "config", json.dumps(config_dict, indent=2, sort_keys=True))
 
         # ---- the loop ---------------------------------------------------------------------
@@ -387,7 +389,7 @@ def _init_from(state: TrainState, source: str, target: TrainState) -> TrainState
     directory = source
     if os.path.basename(source.rstrip("/")) != "checkpoints":
         directory = os.path.join(source, "checkpoints")
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"train.init_from: no checkpoints directory at {directory!r}")
     with checkpoint_manager(directory, read_only=True) as other:
         step = other.latest_step()

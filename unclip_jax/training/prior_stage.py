@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,9 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 
 from unclip_jax import diffusion as D
 from unclip_jax.clip import PretrainedClip
@@ -60,6 +57,7 @@ from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import ar_prior_sampler, prior_sampler, prior_text_conditioning
 from unclip_jax.training.decoder_stage import frozen_clip_spec, load_frozen_clip
 from unclip_jax.training.denoising import denoising_loss
+from unclip_jax.training.files import load_arrays, save_arrays, write_bytes_atomically
 from unclip_jax.training.samples import gather_to_host
 from unclip_jax.training.stages import (
     Hook,
@@ -119,24 +117,20 @@ def fitted_once(
     every process then reads the same file. `settings` (strings) are stored beside the arrays;
     reading a file made with other settings is a ConfigError naming them.
     """
-    path = os.path.join(workdir, name) if workdir else None
-    source = os.path.join(init_from, name) if init_from else ""
+    path = epath.Path(workdir, name) if workdir else None
+    source = epath.Path(init_from, name) if init_from else None
     if path is None:
         return fit()
-    if not os.path.exists(path):
+    if not path.exists():
         if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            if source and os.path.exists(source):
-                shutil.copyfile(source, tmp)
+            if source is not None and source.exists():
+                write_bytes_atomically(path, source.read_bytes())
                 log.info("using %s from train.init_from: %s", name, source)
             else:
-                save_file(fit(), tmp, metadata=settings)
-            os.replace(tmp, path)
+                save_arrays(path, fit(), settings)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"fitted {name}")
-    with safe_open(path, framework="np") as f:
-        saved = f.metadata() or {}
+    arrays, saved = load_arrays(path)
     changed = [
         f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in (settings or {}).items() if saved.get(k) != v
     ]
@@ -145,7 +139,7 @@ def fitted_once(
             f"{path} was fitted with other settings ({'; '.join(changed)}): restore them or "
             "start a new workdir"
         )
-    return load_file(path)
+    return arrays
 
 
 def check_shards_come_from(directory: str, clip_dir: str) -> None:

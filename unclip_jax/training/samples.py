@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from unclip_jax.data.images import to_uint8
@@ -36,14 +37,16 @@ def write_sample_grid(
     """Writes float images in [-1, 1] (B, H, W, 3) as WORKDIR/samples/NAME_STEP.png (captioned)
     and as a TensorBoard image batch `samples/NAME`. Every process calls it (a global array
     is gathered); process 0 writes. Returns the PNG's path."""
-    path = os.path.join(ctx.workdir, "samples", f"{name}_{ctx.step:08d}.png")
+    path = epath.Path(ctx.workdir, "samples", f"{name}_{ctx.step:08d}.png")
     images = gather_to_host(images)
     if jax.process_index() != 0:
-        return path
+        return str(path)
     pixels = to_uint8(np.asarray(images))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 128 // pixels.shape[1])
-    caption_grid(list(pixels), list(captions), columns=columns, scale=scale).save(path)
+    png = io.BytesIO()  # through bytes: the workdir may be a URI (gs://...)
+    caption_grid(list(pixels), list(captions), columns=columns, scale=scale).save(png, "PNG")
+    path.write_bytes(png.getvalue())
     ctx.writer.write_images(ctx.step, f"samples/{name}", pixels)
     log.info("wrote %d samples to %s", len(pixels), path)
-    return path
+    return str(path)
