@@ -604,6 +604,88 @@ def _run_eval(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def _sweep() -> Any:
+    from unclip_jax import sweep
+
+    return sweep
+
+
+def _add_plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE[:VARIANT]",
+        help="the stage config whose train step to plan, e.g. configs/decoder.py:paper; "
+        "override fields (mesh.*, train.batch_size, train.remat, ...) with --config.KEY=VALUE",
+    )
+    parser.add_argument(
+        "--topology",
+        required=True,
+        metavar="GEN:AxB[xC]",
+        help="a TPU topology: v5e:16x16, v5p:4x4x4, v4:4x4x4, v6e:8x8, ... (needs libtpu: "
+        "pip install -e '.[tpu]'; no TPU needed)",
+    )
+    parser.add_argument(
+        "--clip",
+        default=None,
+        metavar="SPEC|DIR",
+        help="the frozen CLIP of a decoder or prior: a CLIP stage config (configs/clip.py:paper) "
+        "or a CLIP directory (only its config.json is read); default: clip.dir, else the "
+        "clip.py next to --config at the same variant",
+    )
+    parser.add_argument(
+        "--hbm-gib", type=float, default=None, help="plan for this much HBM per chip instead"
+    )
+    parser.add_argument(
+        "--no-fixes",
+        action="store_true",
+        help="do not try other settings when the step does not fit",
+    )
+    parser.add_argument(
+        "--max-tries", type=int, default=6, help="settings to try when it does not fit"
+    )
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the plan(s) here")
+
+
+def _run_plan(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    import json
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for TPU runs on any machine
+    from unclip_jax.training.plan import (
+        GIB,
+        LibtpuMissingError,
+        format_plan,
+        plan_train_step,
+        plan_with_fixes,
+        planned_clip_config,
+        topology_devices,
+    )
+
+    config = load_config(args.config, overrides)
+    try:
+        clip_config = planned_clip_config(config, args.config, args.clip)
+        devices = topology_devices(args.topology)
+    except (LibtpuMissingError, FileNotFoundError) as err:
+        print(f"unclip-jax plan: error: {err}", file=sys.stderr)
+        return 2
+    kwargs = dict(
+        topology=args.topology,
+        clip_config=clip_config,
+        hbm_bytes=None if args.hbm_gib is None else int(args.hbm_gib * GIB),
+    )
+    if args.no_fixes:
+        plan, tried = plan_train_step(config, devices, **kwargs), []
+    else:
+        plan, tried = plan_with_fixes(config, devices, max_tries=args.max_tries, **kwargs)
+    print(format_plan(plan, tried))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            record = {"config": args.config, "overrides": overrides, **plan.to_dict()}
+            json.dump({**record, "tried": [t.to_dict() for t in tried]}, f, indent=2)
+    return 0 if plan.fits else 1
+
+
 def _add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="every stage's run and output go here")
     parser.add_argument(
@@ -727,6 +809,20 @@ COMMANDS: tuple[Command, ...] = (
         "and shapes attributes",
         add_args=_add_eval_args,
         run=_run_eval,
+    ),
+    Command(
+        name="sweep",
+        help="train one run per point of a config's sweep() (one workdir each), then summarise "
+        "their final metrics (also launch/sweep.py)",
+        add_args=lambda parser: _sweep().add_args(parser),
+        run=lambda args, overrides: _sweep().run(args, overrides),
+    ),
+    Command(
+        name="plan",
+        help="compile a stage's train step for a TPU topology (on any machine) and print its "
+        "per-chip memory, FLOPs and whether it fits; exit status 1 when it does not",
+        add_args=_add_plan_args,
+        run=_run_plan,
     ),
     Command(
         name="export",
