@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -17,6 +18,8 @@ def assert_spec_is_the_stage(spec, stage) -> None:
     rows = jax.tree.map(lambda a: (tuple(a.shape[1:]), jnp.asarray(a).dtype), batch)
     assert rows == _shapes(spec.batch_row)
     assert _shapes(stage.frozen) == _shapes(spec.frozen)
+    # ... laid out alike: the same arrays shard by the same logical names.
+    assert nn.get_partition_spec(stage.frozen_layout) == nn.get_partition_spec(spec.frozen_layout)
     key = jax.random.key(0)
     assert _shapes(jax.eval_shape(stage.init_params, key)) == _shapes(
         jax.eval_shape(spec.init_params, key)

@@ -205,3 +205,22 @@ def test_the_plan_command_prints_the_plan_and_writes_json(tmp_path):
         timeout=300,
     )
     assert run.returncode == 1 and "DOES NOT FIT" in run.stdout
+
+
+@needs_libtpu
+def test_the_frozen_clip_shards_over_fsdp_like_the_params(devices):
+    """A decoder's frozen CLIP is laid out by its params' logical names: with FSDP over the 4
+    chips each holds about a quarter of it, not all of it."""
+    spec = f"{ROOT}/configs/decoder.py:tiny"
+    clip_config = P.planned_clip_config(config("decoder.py:tiny"), spec)
+    replicated = P.plan_train_step(
+        config("decoder.py:tiny", **{"mesh.data": 4, "mesh.fsdp": 1}),
+        devices,
+        clip_config=clip_config,
+    )
+    fsdp = P.plan_train_step(
+        config("decoder.py:tiny", **{"mesh.data": 1, "mesh.fsdp": -1}),
+        devices,
+        clip_config=clip_config,
+    )
+    assert fsdp.frozen < 0.4 * replicated.frozen

@@ -677,7 +677,13 @@ def _run_plan(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     if args.no_fixes:
         plan, tried = plan_train_step(config, devices, **kwargs), []
     else:
-        plan, tried = plan_with_fixes(config, devices, max_tries=args.max_tries, **kwargs)
+        plan, tried = plan_with_fixes(
+            config,
+            devices,
+            max_tries=args.max_tries,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+            **kwargs,
+        )
     print(format_plan(plan, tried))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -1,6 +1,12 @@
 """Parallelism: the mesh, logical axis rules, multi-process start-up and global batches."""
 
-from unclip_jax.parallel.batch import batch_sharding, global_batch, replicate, replicated_sharding
+from unclip_jax.parallel.batch import (
+    batch_sharding,
+    global_batch,
+    place,
+    replicate,
+    replicated_sharding,
+)
 from unclip_jax.parallel.distributed import initialize_distributed
 from unclip_jax.parallel.mesh import MESH_AXES, describe_mesh, make_mesh, resolve_mesh_shape
 from unclip_jax.parallel.rules import (
@@ -23,6 +29,7 @@ __all__ = [
     "logical_partition_specs",
     "logical_shardings",
     "make_mesh",
+    "place",
     "replicate",
     "replicated_sharding",
     "resolve_mesh_shape",

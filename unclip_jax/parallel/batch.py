@@ -84,10 +84,18 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     Each process passes the same values (e.g. frozen weights every process read from the same
     checkpoint); works with one process or many.
     """
-    sharding = replicated_sharding(mesh)
+    return place(tree, replicated_sharding(mesh))
 
-    def one(x: Any) -> jax.Array:
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Every array leaf of `tree` as a global array laid out by `shardings` (one sharding for
+    every leaf, or a tree of them); each process passes the same whole values and keeps the
+    shards its devices hold."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, shardings)

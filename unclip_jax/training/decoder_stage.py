@@ -28,6 +28,7 @@ from unclip_jax.data.images import resize, to_float
 from unclip_jax.data.pipeline import dataset_spec, open_dataset
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
 from unclip_jax.models.clip import CLIP, ClipConfig
+from unclip_jax.models.clip import init_params as init_clip_params
 from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import decoder_conditioning, decoder_sampler
 from unclip_jax.training.denoising import denoising_loss
@@ -218,6 +219,12 @@ def decoder_batch_row(config: ml_collections.ConfigDict, clip_config: ClipConfig
     }
 
 
+def frozen_clip_layout(clip_config: ClipConfig) -> Any:
+    """A frozen CLIP's params as boxed abstract leaves: sharded by their logical names in the
+    train step, like trained params (ViT-H's billion params need not sit on every chip)."""
+    return jax.eval_shape(functools.partial(init_clip_params, CLIP(clip_config)), jax.random.key(0))
+
+
 def frozen_clip_spec(clip_config: ClipConfig, dtype: Any) -> Any:
     """ShapeDtypeStructs of a frozen CLIP's params as a stage holds them (in `dtype`)."""
     return jax.tree.map(
@@ -236,6 +243,7 @@ def decoder_step_spec(config: ml_collections.ConfigDict, clip_config: ClipConfig
         loss_fn=step["loss_fn"],
         batch_row=decoder_batch_row(config, clip_config),
         frozen={"clip": frozen_clip_spec(clip_config, dtype)},
+        frozen_layout={"clip": frozen_clip_layout(clip_config)},
     )
 
 
@@ -263,4 +271,5 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
         make_data=functools.partial(stage_pipeline, config, train_source, transform),
         hooks=tuple(hooks),
         frozen={"clip": clip_params},
+        frozen_layout={"clip": frozen_clip_layout(clip.config)},
     )

@@ -32,8 +32,9 @@ from unclip_jax.parallel import (
     batch_sharding,
     describe_mesh,
     global_batch,
+    logical_shardings,
     make_mesh,
-    replicate,
+    place,
     replicated_sharding,
 )
 from unclip_jax.training.checkpoint import (
@@ -271,6 +272,7 @@ def train_and_evaluate(
                 state = _init_from(state, train.init_from, target)
 
         # ---- compile ----------------------------------------------------------------------
+        frozen_shardings = frozen_layout_shardings(stage.frozen, stage.frozen_layout, mesh)
         step_fn = compile_train_step(
             make_train_step(
                 stage.loss_fn,
@@ -281,11 +283,11 @@ def train_and_evaluate(
             ),
             shardings,
             batch_sharding(mesh),
-            None if stage.frozen is None else replicated_sharding(mesh),
+            frozen_shardings,
         )
         # Frozen inputs go to the devices once, as the stage gave them (a stage casts what it
         # wants in the compute dtype, e.g. a CLIP, and keeps what needs float32).
-        frozen = () if stage.frozen is None else (replicate(stage.frozen, mesh),)
+        frozen = () if stage.frozen is None else (place(stage.frozen, frozen_shardings),)
 
         # ---- log the start ----------------------------------------------------------------
         start = int(jax.device_get(state.step))
@@ -382,6 +384,16 @@ def train_and_evaluate(
         if writer is not None:
             writer.close()
     return state
+
+
+def frozen_layout_shardings(frozen: Any, layout: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The shardings of a stage's frozen inputs: by the logical names of `layout`'s boxed
+    leaves, the rest replicated; all replicated without a layout; None without frozen inputs."""
+    if frozen is None:
+        return None
+    if layout is None:
+        return replicated_sharding(mesh)
+    return logical_shardings(layout, mesh)
 
 
 def _init_from(state: TrainState, source: str, target: TrainState) -> TrainState:

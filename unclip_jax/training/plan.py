@@ -16,7 +16,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -31,8 +31,8 @@ from unclip_jax.parallel import (
     MESH_AXES,
     batch_sharding,
     make_mesh,
-    replicated_sharding,
 )
+from unclip_jax.training.loop import frozen_layout_shardings
 from unclip_jax.training.optim import make_optimizer
 from unclip_jax.training.stages import build_step_spec, needs_clip
 from unclip_jax.training.state import abstract_state, state_partition_specs, state_shardings
@@ -266,13 +266,18 @@ def plan_train_step(
         lambda r: jax.ShapeDtypeStruct((batch_size, *r.shape), r.dtype, sharding=rows),
         spec.batch_row,
     )
-    frozen_sharding = None if spec.frozen is None else replicated_sharding(mesh)
+    frozen_sharding = frozen_layout_shardings(spec.frozen, spec.frozen_layout, mesh)
     frozen = ()
     if spec.frozen is not None:
+        if not isinstance(frozen_sharding, jax.sharding.Sharding):
+            leaf_shardings = frozen_sharding
+        else:
+            leaf_shardings = jax.tree.map(lambda _: frozen_sharding, spec.frozen)
         frozen = (
             jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=frozen_sharding),
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                 spec.frozen,
+                leaf_shardings,
             ),
         )
     step = compile_train_step(
@@ -381,22 +386,34 @@ def plan_with_fixes(
     clip_config: ClipConfig | None = None,
     hbm_bytes: int | None = None,
     max_tries: int = 6,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> tuple[Plan, list[Plan]]:
     """The config's plan and, if it does not fit, the plans of `candidate_fixes` in order until
     one fits (at most `max_tries` more compiles): (plan, tried), tried[-1] the one that fits
-    when any does."""
+    when any does. `progress` gets a line before and after each compile (they take minutes
+    for the paper's models)."""
     kwargs = dict(topology=topology, clip_config=clip_config, hbm_bytes=hbm_bytes)
+    progress("compiling the config as it is ...")
     plan = plan_train_step(config, devices, **kwargs)
+    progress(_verdict(plan))
     tried: list[Plan] = []
     if plan.fits:
         return plan, tried
     for fix in candidate_fixes(config, len(devices)):
         if len(tried) >= max_tries:
             break
+        progress(f"compiling with {_flags(fix)} ...")
         tried.append(plan_train_step(apply_overrides(config, fix), devices, settings=fix, **kwargs))
+        progress(_verdict(tried[-1]))
         if tried[-1].fits:
             break
     return plan, tried
+
+
+def _verdict(plan: Plan) -> str:
+    peak = f"{'>= ' if plan.compiler_error else ''}{_size(plan.peak)}"
+    fits = "fits" if plan.fits else "does not fit"
+    return f"  peak {peak} of {_size(plan.hbm)}: {fits} ({plan.compile_seconds:.0f} s)"
 
 
 def _size(n: float) -> str:

@@ -55,7 +55,11 @@ from unclip_jax.models.prior_codec import (
 )
 from unclip_jax.parallel import replicate
 from unclip_jax.sampling.stages import ar_prior_sampler, prior_sampler, prior_text_conditioning
-from unclip_jax.training.decoder_stage import frozen_clip_spec, load_frozen_clip
+from unclip_jax.training.decoder_stage import (
+    frozen_clip_layout,
+    frozen_clip_spec,
+    load_frozen_clip,
+)
 from unclip_jax.training.denoising import denoising_loss
 from unclip_jax.training.files import load_arrays, save_arrays, write_bytes_atomically
 from unclip_jax.training.samples import gather_to_host
@@ -269,7 +273,8 @@ def _eval_hook(
 
 
 def _diffusion_step(config, clip_config, encode, dtype) -> dict[str, Any]:
-    """The diffusion prior, its init and loss (the stats come in `frozen["stats"]`)."""
+    """The diffusion prior, its init and loss (the "standardize" statistics come in
+    `frozen["stats"]`; other normalizations have none)."""
     prior = prior_from_config(
         config,
         vocab_size=clip_config.text.vocab_size,
@@ -283,7 +288,7 @@ def _diffusion_step(config, clip_config, encode, dtype) -> dict[str, Any]:
     def loss_fn(params: Any, batch: Any, rng: Array, frozen: Any) -> tuple:
         cond = encode(frozen["clip"], batch["input_ids"], batch["text_mask"])
         x0 = normalize_embedding(
-            batch["z_i"], method=emb.normalization, scale=emb.embed_scale, stats=frozen["stats"]
+            batch["z_i"], method=emb.normalization, scale=emb.embed_scale, stats=frozen.get("stats")
         )
         drop_key, dropout_key, diffusion_key = jax.random.split(rng, 3)
         drop_text = jax.random.bernoulli(drop_key, drop_prob, (x0.shape[0],))
@@ -444,7 +449,7 @@ def _frozen_extras_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
     dim = config.model.clip_dim
     if config.kind == "diffusion":
         if config.embedding.normalization != "standardize":
-            return {"stats": None}
+            return {}
         row = jax.ShapeDtypeStruct((dim,), np.float32)
         return {"stats": {"clip_mean": row, "clip_std": row}}
     ar = config.ar
@@ -479,7 +484,10 @@ def prior_step_spec(config: ml_collections.ConfigDict, clip_config: ClipConfig) 
             "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
             "text_mask": jax.ShapeDtypeStruct((tokens,), np.bool_),
         },
-        frozen={"clip": frozen_clip_spec(clip_config, dtype), **_frozen_extras_spec(config)},
+        frozen=(
+            frozen := {"clip": frozen_clip_spec(clip_config, dtype), **_frozen_extras_spec(config)}
+        ),
+        frozen_layout={**frozen, "clip": frozen_clip_layout(clip_config)},
     )
 
 
@@ -502,7 +510,7 @@ def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = N
         step = _diffusion_step(config, clip.config, encode, dtype)
         stats = embedding_stats(config, train_source, workdir)
         sample = _diffusion_sampler(config, step["prior"], stats)
-        extras = {"stats": stats}
+        extras = {} if stats is None else {"stats": stats}
     else:
         step = _autoregressive_step(config, clip.config, encode, dtype)
         codec = jax.tree.map(np.asarray, prior_codec(config, train_source, workdir))
@@ -517,4 +525,5 @@ def build_prior_stage(config: ml_collections.ConfigDict, workdir: str | None = N
         make_data=functools.partial(stage_pipeline, config, train_source, prior_transform(clip)),
         hooks=tuple(hooks),
         frozen={"clip": clip_params, **extras},
+        frozen_layout={"clip": frozen_clip_layout(clip.config), **extras},
     )

@@ -6,8 +6,10 @@ A stage (prior, decoder, upsampler, CLIP, ...) supplies:
 - `loss_fn(params, batch, rng, frozen) -> (loss, metrics)`: on the GLOBAL batch, params in
   the compute dtype; metrics are scalars (or 1-D arrays, logged per element);
 - optional `frozen`: a pytree of arrays the loss reads but never trains (e.g. the conditioning
-  CLIP's params, cast by the stage to the compute dtype), replicated on every device as given
-  and passed to `loss_fn` as `frozen`;
+  CLIP's params, cast by the stage to the compute dtype), passed to `loss_fn` as `frozen`;
+  replicated on every device, or laid out by `frozen_layout`: the same tree with
+  `nn.LogicallyPartitioned` leaves where an array shards by its logical axis names like a
+  param (a frozen CLIP of a billion params need not sit whole on every chip);
 - `make_data(process_index, process_count)`: this process's iterator of host-local batches
   (numpy pytrees of batch_size / process_count rows) with get_state/set_state;
 - optional `hooks`: periodic evaluation or sample grids, run on every process.
@@ -74,6 +76,7 @@ class StepSpec:
     loss_fn: LossFn
     batch_row: Any
     frozen: Any = None
+    frozen_layout: Any = None  # as Stage.frozen_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,9 @@ class Stage:
     make_data: Callable[[int, int], DataIterator]
     hooks: Sequence[Hook] = ()
     frozen: Any = None
+    # `frozen`'s tree with nn.LogicallyPartitioned leaves for the arrays that shard by their
+    # logical names (the rest replicated); None: every frozen array replicated.
+    frozen_layout: Any = None
 
 
 # builder(config, workdir=...) -> Stage; workdir (None outside a run) is where a stage keeps
