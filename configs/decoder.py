@@ -63,6 +63,10 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # Learned sigma with the hybrid loss L_simple + 0.001 L_vlb, cosine, 1000 steps.
     c.diffusion = diffusion_block(variance="learned_range", loss="hybrid", vlb_weight=0.001)
     c.sampling = sampling_block(steps="50", method="ddpm", guidance_scale=3.0)
+    # The unconditional half of guidance: z_i is the learned null embedding, and the caption is
+    # dropped ("drop", as guidance training dropped it) or the encoding of the empty caption ""
+    # ("empty": Karlo's pipeline, for its imported weights).
+    c.sampling.uncond_text = "drop"
     # The dataset renders (shapes) or holds images at data.resolution; they are resized to
     # model.resolution for the decoder and to the CLIP's own size for z_i.
     c.data = dict(
@@ -144,7 +148,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # kakaobrain/karlo-v1-alpha decoder (diffusers UNet2DConditionModel + text_proj):
         # 320,640,960,1280 channels, 3 layers per block, attention at 32,16,8 with head dim 64,
         # z_i into the time embedding and 4 context tokens; CLIP ViT-L/14 text states;
-        # learned-range variance; 25 steps, guidance 8.0.
+        # learned-range variance; 25 steps of UnCLIPScheduler, guidance 8.0 against the empty
+        # caption.
         c.model.update(
             resolution=64,
             channels=320,
@@ -162,7 +167,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             text_tokens=77,
             vocab_size=49408,
         )
-        c.sampling.update(steps="25", guidance_scale=8.0)
+        c.sampling.update(steps="25", method="karlo", guidance_scale=8.0, uncond_text="empty")
         c.data.update(dataset="image_text", resolution=64)
         c.samples.every = 10_000
         c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)

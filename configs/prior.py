@@ -46,6 +46,10 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # The prior predicts the clean z_i directly (x0) with an MSE loss (paper, Section 2.2).
     c.diffusion = diffusion_block(schedule="cosine", prediction="x0", variance="fixed_small")
     c.sampling = sampling_block(steps="64", method="ddpm", guidance_scale=1.0, clip_x0=0.0)
+    # The unconditional half of guidance (diffusion prior): "drop" masks the caption out and
+    # zeroes z_t, as guidance training dropped them; "empty" feeds CLIP's encoding of the empty
+    # caption "" instead (Karlo's pipeline, for its imported weights).
+    c.sampling.uncond_text = "drop"
     # Embedding shards (`unclip-jax embed`, clip-retrieval or LAION npy + metadata): z_i and the
     # captions. The test shards feed the evaluation.
     c.data = dict(embeddings_dir="", test_embeddings_dir="", workers=0)
@@ -107,10 +111,14 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # kakaobrain/karlo-v1-alpha prior (diffusers PriorTransformer): 32 heads x 64 = 2048,
         # 20 layers, embedding 768, 77 text tokens (+4 extra), clip_mean/clip_std
         # standardisation; x0 prediction, fixed_small_log variance, x0 clipped to +-5
-        # (diffusers; +-10 in the original code); 25 steps, guidance 4.0.
+        # (diffusers; +-10 in the original code); 25 steps, guidance 4.0, one sample per
+        # caption, UnCLIPScheduler's steps and the empty caption's encoding as unconditional.
         c.model.update(clip_dim=768, width=2048, layers=20, heads=32, text_tokens=77)
         c.embedding.normalization = "standardize"
-        c.sampling.update(steps="25", guidance_scale=4.0, clip_x0=5.0)
+        c.guidance.num_candidates = 1
+        c.sampling.update(
+            steps="25", method="karlo", guidance_scale=4.0, clip_x0=5.0, uncond_text="empty"
+        )
         c.eval.every = 10_000
         c.mesh.update(data=1, fsdp=-1)  # 1B params + Adam: shard them (FSDP)
         c.train.update(steps=1_000_000, batch_size=4096, checkpoint_every=5_000, log_every=100)

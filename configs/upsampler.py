@@ -39,6 +39,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # ResBlocks condition on t by scale-shift norm (ADM's default) or, False, by adding the
         # time embedding before norm2 (Karlo's super-res U-Nets).
         scale_shift=True,
+        # A second U-Net of the same shape for the last sampling step (Karlo's super_res_last,
+        # imported by `unclip-jax convert karlo`; training trains one U-Net and refuses it).
+        last_step_unet=False,
     )
     # The low-res input is corrupted in training: "blur" (Gaussian, kernel 3, sigma 0.6; the
     # first stage) or "bsr" (random blur, resize and noise; the second stage).
@@ -117,7 +120,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     elif arg == "karlo":
         # kakaobrain/karlo-v1-alpha super_res_first/last (diffusers UNet2DModel, in 6 / out 3):
         # 320,640,960,1280 channels, 3 layers per block, no attention, the time embedding
-        # added (resnet_time_scale_shift "default"); 7 steps.
+        # added (resnet_time_scale_shift "default"); 7 steps of UnCLIPScheduler (a converted
+        # checkpoint also runs super_res_last for the last one: model.last_step_unet).
         c.model.update(
             low_resolution=64,
             resolution=256,
@@ -129,7 +133,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             scale_shift=False,
         )
         c.train_crop = 64
-        c.sampling.update(steps="7", method="ddpm")
+        c.sampling.update(steps="7", method="karlo")
         c.data.update(dataset="image_text", resolution=256, train_size=0, test_size=0)
         c.samples.every = 10_000
         c.mesh.update(data=1, fsdp=-1)  # shard params and optimizer state (FSDP)

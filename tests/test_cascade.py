@@ -432,3 +432,11 @@ def test_two_processes_write_each_image_once_and_the_images_of_one(cascade, pipe
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert len(_manifest(two)) == 11
+
+
+def test_a_setting_outside_its_choices_is_named():
+    with pytest.raises(ConfigError, match=r"decoder\.uncond_text is 'nothing'; valid values: drop"):
+        parse_settings(["decoder.uncond_text=nothing"])
+    with pytest.raises(ConfigError, match=r"prior\.method is 'euler'; valid values: ddpm, ddim"):
+        parse_settings(["prior.method=euler"])
+    assert parse_settings(["upsampler.method=karlo"]) == {"upsampler": {"method": "karlo"}}

@@ -110,6 +110,14 @@ def test_value_outside_its_choices_is_named_with_the_valid_ones():
         load_config(_spec("prior", "tiny"), {"diffusion.prediction": "epsilon"})
 
 
+def test_karlo_sampling_takes_a_number_of_steps():
+    assert load_config(_spec("decoder", "karlo")).sampling.method == "karlo"
+    with pytest.raises(ConfigError, match=r"'sampling.steps' is 'ddim25': sampling method 'karlo'"):
+        load_config(_spec("decoder", "karlo"), {"sampling.steps": "ddim25"})
+    with pytest.raises(ConfigError, match=r"'sampling.uncond_text' is 'none'; valid values: drop"):
+        load_config(_spec("prior", "tiny"), {"sampling.uncond_text": "none"})
+
+
 def test_unknown_variant_lists_the_valid_ones():
     with pytest.raises(
         ConfigError,

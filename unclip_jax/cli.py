@@ -21,6 +21,7 @@ from unclip_jax.config import (
     load_config,
     parse_override_args,
 )
+from unclip_jax.convert import karlo as convert_karlo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -829,6 +830,13 @@ COMMANDS: tuple[Command, ...] = (
         "per-chip memory, FLOPs and whether it fits; exit status 1 when it does not",
         add_args=_add_plan_args,
         run=_run_plan,
+    ),
+    Command(
+        name="convert",
+        help="import published weights: a diffusers Karlo (unCLIP) directory -> our stage "
+        "directories, its CLIP text tower and a pipeline file for `sample`",
+        add_args=convert_karlo.add_args,
+        run=convert_karlo.run,
     ),
     Command(
         name="export",

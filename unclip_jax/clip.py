@@ -124,7 +124,8 @@ def example_transform(
         del rng
         caption = str(example["caption"])
         ids, mask = tokenizer([caption], context_length=length)
-        pixels = preprocess_images([example["image"]], config.vision.image_size, mean=mean, std=std)
+        size = config.require_vision("an image-text example").image_size
+        pixels = preprocess_images([example["image"]], size, mean=mean, std=std)
         out = {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels[0]}
         if with_caption:
             out["caption"] = caption
@@ -184,7 +185,10 @@ class PretrainedClip:
     def encode_image(self, images: np.ndarray | Sequence[np.ndarray]) -> jax.Array:
         """Projected image embeddings z_i (B, projection_dim) of uint8 HWC images, any sizes."""
         pixels = preprocess_images(
-            images, self.config.vision.image_size, mean=self.image_mean, std=self.image_std
+            images,
+            self.config.require_vision("encoding images").image_size,
+            mean=self.image_mean,
+            std=self.image_std,
         )
         return self._image(self.params, pixels)
 
@@ -285,7 +289,20 @@ def save_pretrained(
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config.to_hf_dict(), f, indent=2)
-    size = config.vision.image_size
+    if config.vision is not None:
+        _save_preprocessor(path, config.vision.image_size, image_mean, image_std)
+    previous = tokenizer.model_max_length
+    tokenizer.model_max_length = config.context_length  # the model's position table
+    try:
+        tokenizer.save(path)
+    finally:
+        tokenizer.model_max_length = previous
+
+
+def _save_preprocessor(
+    path: str, size: int, image_mean: Sequence[float], image_std: Sequence[float]
+) -> None:
+    """preprocessor_config.json: transformers' CLIPImageProcessor with these settings."""
     with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
         json.dump(
             {
@@ -305,9 +322,3 @@ def save_pretrained(
             f,
             indent=2,
         )
-    previous = tokenizer.model_max_length
-    tokenizer.model_max_length = config.context_length  # the model's position table
-    try:
-        tokenizer.save(path)
-    finally:
-        tokenizer.model_max_length = previous

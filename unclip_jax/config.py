@@ -180,7 +180,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.prediction": ("eps", "x0", "v"),
     "diffusion.variance": ("fixed_small", "fixed_large", "learned_range"),
     "diffusion.loss": ("mse", "hybrid"),
-    "sampling.method": ("ddpm", "ddim"),
+    "sampling.method": ("ddpm", "ddim", "karlo"),
+    "sampling.uncond_text": ("drop", "empty"),
     "optim.schedule": ("constant", "cosine"),
     "train.compute_dtype": ("float32", "bfloat16"),
     "model.text_encoder": ("clip", "transformer"),
@@ -228,6 +229,13 @@ def validate_config(config: ConfigDict) -> None:
 
         try:
             space_timesteps(config.diffusion.num_steps, config.sampling.steps)
+            if config.sampling.get("method") == "karlo" and not (
+                str(config.sampling.steps).strip().isdigit()
+                and config.diffusion.get("schedule") == "cosine"
+            ):
+                raise ValueError(
+                    "sampling method 'karlo' takes a number of steps ('25') of a cosine schedule"
+                )
         except ValueError as err:
             raise ConfigError(
                 f"config key 'sampling.steps' is {config.sampling.steps!r}: {err}"
@@ -431,8 +439,11 @@ def sampling_block(
 ) -> dict[str, Any]:
     """`sampling.*`: respaced steps ('250', 'ddim50', '10,10,5'), sampler, guidance, x0 clip.
 
-    clip_x0 0 disables static clipping; dynamic_threshold is the percentile (e.g. 0.995) of
-    Imagen's dynamic thresholding, 0 to disable.
+    method: "ddpm" (ancestral), "ddim" (with `eta`), or "karlo": ancestral steps exactly as
+    diffusers' `UnCLIPScheduler` takes them for Karlo (`steps` a number N: its spacing
+    round(i 999 / (N - 1)) and its float32 schedule arithmetic, `diffusion.karlo_schedule`),
+    for imported Karlo weights. clip_x0 0 disables static clipping; dynamic_threshold is the
+    percentile (e.g. 0.995) of Imagen's dynamic thresholding, 0 to disable.
     """
     return dict(
         steps=steps,

@@ -183,6 +183,93 @@ def schedule_from_betas(betas: np.ndarray, timesteps: Sequence[int] | None = Non
     )
 
 
+def karlo_timesteps(num_steps: int, steps: int) -> list[int]:
+    """The original timesteps of diffusers' `UnCLIPScheduler` (Karlo's sampler), ascending.
+
+    round(i (T - 1) / (N - 1)) for i = 0 .. N-1 (numpy's rounding, half to even): both ends
+    kept, as the evenly strided spacing "N" of `space_timesteps`, whose accumulated float
+    stride rounds differently for 278 of the N in [2, 1000] (not for 25 or 7).
+    """
+    if not 2 <= steps <= num_steps:
+        raise ValueError(f"Karlo's spacing takes 2 to {num_steps} steps, got {steps}")
+    ratio = (num_steps - 1) / (steps - 1)
+    return [int(t) for t in (np.arange(steps) * ratio).round()]
+
+
+def karlo_schedule(num_steps: int, steps: int) -> Schedule:
+    """The cosine schedule respaced to `steps` exactly as diffusers' `UnCLIPScheduler` steps it.
+
+    Same formulas as `schedule_from_betas` on `karlo_timesteps`, but in the scheduler's float32
+    arithmetic, so that a sampler on it reproduces the scheduler to float32 rounding:
+    - betas of the cosine schedule in float64 (per step, with `math.cos`), cast to float32;
+      abar = the float64 running product of the float32 alphas, cast to float32 (torch's CPU
+      cumprod accumulates in double);
+    - for each kept step t with previous kept step s (-1 at the last, abar_{-1} = 1), in
+      float32: beta = 1 - abar_t / abar_s (the float32 beta_t itself when s = t - 1, as the
+      scheduler takes it), coef1 = sqrt(abar_s) beta / (1 - abar_t),
+      coef2 = sqrt(1 - beta) (1 - abar_s) / (1 - abar_t), variance (1 - abar_s) / (1 - abar_t)
+      beta. At the last step (t = 0) 1 - (1 - beta_0) in float32 is not beta_0, so coef1 is
+      1 + O(1e-3) there, as in the scheduler.
+    """
+
+    def abar_fn(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    full_betas = np.array(
+        [
+            min(1 - abar_fn((i + 1) / num_steps) / abar_fn(i / num_steps), 0.999)
+            for i in range(num_steps)
+        ],
+        np.float32,
+    )
+    full_alphas = np.float32(1.0) - full_betas
+    full_abar = np.cumprod(full_alphas.astype(np.float64)).astype(np.float32)
+    kept = karlo_timesteps(num_steps, steps)
+    one = np.float32(1.0)
+    fields: dict[str, list[np.float32]] = {
+        k: [] for k in ("betas", "abar", "abar_prev", "om", "om_prev", "var", "coef1", "coef2")
+    }
+    for k, t in enumerate(kept):
+        s = kept[k - 1] if k else -1
+        abar_t = full_abar[t]
+        abar_s = full_abar[s] if s >= 0 else one
+        if s == t - 1:
+            beta, alpha = full_betas[t], full_alphas[t]
+        else:
+            beta = one - abar_t / abar_s
+            alpha = one - beta
+        om_t, om_s = one - abar_t, one - abar_s
+        fields["betas"].append(beta)
+        fields["abar"].append(abar_t)
+        fields["abar_prev"].append(abar_s)
+        fields["om"].append(om_t)
+        fields["om_prev"].append(om_s)
+        fields["var"].append(om_s / om_t * beta)
+        fields["coef1"].append(np.sqrt(abar_s) * beta / om_t)
+        fields["coef2"].append(np.sqrt(alpha) * om_s / om_t)
+    f = {k: np.array(v, np.float32) for k, v in fields.items()}
+    # log of the variance, clamped at 1e-20 as the scheduler does; step 0 adds no noise and
+    # its variance 0 takes step 1's, as `schedule_from_betas` does (a finite log).
+    log_var = np.log(np.maximum(f["var"], np.float32(1e-20)))
+    log_var[0] = log_var[1]
+
+    def f32(a: np.ndarray) -> Array:
+        return jnp.asarray(a, dtype=jnp.float32)
+
+    return Schedule(
+        timesteps=jnp.asarray(kept, dtype=jnp.int32),
+        betas=f32(f["betas"]),
+        alphas_cumprod=f32(f["abar"]),
+        alphas_cumprod_prev=f32(f["abar_prev"]),
+        one_minus_alphas_cumprod=f32(f["om"]),
+        one_minus_alphas_cumprod_prev=f32(f["om_prev"]),
+        posterior_variance=f32(f["var"]),
+        posterior_log_variance_clipped=f32(log_var),
+        posterior_mean_coef1=f32(f["coef1"]),
+        posterior_mean_coef2=f32(f["coef2"]),
+    )
+
+
 def make_schedule(
     name: str = "cosine", num_steps: int = 1000, respacing: str | Sequence[int] | None = None
 ) -> Schedule:

@@ -58,7 +58,7 @@ def clip_features(
     rows, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     clip = dataclasses.replace(clip, params=jax.device_put(clip.params, whole))
     batch = math.ceil(batch_size / len(devices)) * len(devices)
-    size = clip.config.vision.image_size
+    size = clip.config.require_vision("scoring images").image_size
     image_out, text_out = [], []
     for start in range(0, len(images), batch):
         chunk = list(images[start : start + batch])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from unclip_jax.config import CHOICES
 from unclip_jax.models.clip import TextConfig, TextTransformer
 from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior
-from unclip_jax.models.unet import Decoder, DecoderConditioning, UNet
+from unclip_jax.models.unet import Decoder, DecoderConditioning, LastStepUNets, UNet
 
 Array = jax.Array
 
@@ -119,23 +119,30 @@ def upsampler_from_config(
     learned_variance: bool = False,
     dtype: Any = jnp.float32,
     remat: bool = False,
-) -> UNet:
+) -> UNet | LastStepUNets:
     """The attention-free upsampler U-Net of a `configs/upsampler.py` model block.
 
     Input: the noisy high-res image and the resized low-res one (6 channels,
     `unet.upsampler_input`); output 3 channels, or 6 with a learned-range variance. `remat`
-    rematerialises its blocks in training (the same params).
+    rematerialises its blocks in training (the same params). With `last_step_unet` (Karlo's
+    super-res, imported), two such U-Nets: `LastStepUNets`, the second for the last step.
     """
-    return UNet(
-        in_channels=6,
-        out_channels=6 if learned_variance else 3,
-        attention_resolutions=(),
-        mid_attention=False,
-        resolution=model["resolution"],
-        dtype=dtype,
-        remat=remat,
-        **_unet_fields(model),
-    )
+
+    def unet() -> UNet:
+        return UNet(
+            in_channels=6,
+            out_channels=6 if learned_variance else 3,
+            attention_resolutions=(),
+            mid_attention=False,
+            resolution=model["resolution"],
+            dtype=dtype,
+            remat=remat,
+            **_unet_fields(model),
+        )
+
+    if model.get("last_step_unet", False):
+        return LastStepUNets(super_res_first=unet(), super_res_last=unet())
+    return unet()
 
 
 def upsampler_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[str, Array]:

@@ -79,10 +79,14 @@ class VisionConfig(TowerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
-    """A whole CLIP: both towers, the shared embedding width and the initial logit scale."""
+    """A whole CLIP: both towers, the shared embedding width and the initial logit scale.
+
+    `vision` None is a text tower alone with its projection (transformers'
+    `CLIPTextModelWithProjection`, e.g. Karlo's `text_encoder`): it embeds captions, not images.
+    """
 
     text: TextConfig
-    vision: VisionConfig
+    vision: VisionConfig | None
     projection_dim: int = 512
     logit_scale_init_value: float = math.log(1 / 0.07)
 
@@ -91,12 +95,30 @@ class ClipConfig:
         """Tokens per caption."""
         return self.text.max_position_embeddings
 
+    def require_vision(self, what: str) -> VisionConfig:
+        """The vision tower's config, or a ValueError saying that `what` needs one."""
+        if self.vision is None:
+            raise ValueError(
+                f"{what} needs a CLIP with a vision tower; this one is a text tower alone (e.g. "
+                "Karlo's text_encoder): use a whole CLIP, e.g. openai/clip-vit-large-patch14"
+            )
+        return self.vision
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json of a transformers `CLIPModel` with these sizes."""
+        """The config.json of a transformers `CLIPModel` with these sizes (of a
+        `CLIPTextModelWithProjection` for a text tower alone)."""
 
         def tower(c: TowerConfig) -> dict[str, Any]:
             return dataclasses.asdict(c)
 
+        if self.vision is None:
+            return {
+                "architectures": ["CLIPTextModelWithProjection"],
+                **tower(self.text),
+                "model_type": "clip_text_model",
+                "projection_dim": self.projection_dim,
+                "bos_token_id": self.text.eos_token_id - 1,
+            }
         return {
             "architectures": ["CLIPModel"],
             "model_type": "clip",
@@ -117,7 +139,8 @@ class ClipConfig:
 
     @classmethod
     def from_hf_dict(cls, config: Mapping[str, Any]) -> ClipConfig:
-        """Reads a transformers CLIP config.json (defaults as transformers' CLIPConfig)."""
+        """Reads a transformers CLIP config.json (defaults as transformers' CLIPConfig); a
+        `clip_text_model` one (`CLIPTextModelWithProjection`) is a text tower alone."""
 
         def pick(kind: type, values: Mapping[str, Any], defaults: dict[str, Any]) -> Any:
             names = {f.name for f in dataclasses.fields(kind)}
@@ -137,6 +160,12 @@ class ClipConfig:
             override = config.get(f"{name}_dict")
             return dict(override) if override else dict(config.get(name) or {})
 
+        if config.get("model_type") == "clip_text_model":
+            return cls(
+                text=pick(TextConfig, config, text_defaults),
+                vision=None,
+                projection_dim=int(config.get("projection_dim", 512)),
+            )
         return cls(
             text=pick(TextConfig, tower("text_config"), text_defaults),
             vision=pick(VisionConfig, tower("vision_config"), vision_defaults),
@@ -440,7 +469,9 @@ class VisionTransformer(nn.Module):
 class CLIP(nn.Module):
     """Both towers, their projections into the shared space, and the logit scale.
 
-    Images are NHWC float pixels already resized and normalised with CLIP's mean/std.
+    Images are NHWC float pixels already resized and normalised with CLIP's mean/std. With
+    `config.vision` None, the text tower and its projection alone (no logit scale either, as
+    transformers' `CLIPTextModelWithProjection`).
     """
 
     config: ClipConfig
@@ -450,11 +481,14 @@ class CLIP(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.text_model = TextTransformer(c.text, self.dtype, self.remat)
-        self.vision_model = VisionTransformer(c.vision, self.dtype, self.remat)
+        if c.vision is not None:
+            self.vision_model = VisionTransformer(c.vision, self.dtype, self.remat)
         # In setup, the attribute names the submodule.
         self.text_projection = _dense(
             c.projection_dim, ("embed", None), None, self.dtype, use_bias=False
         )
+        if c.vision is None:
+            return
         self.visual_projection = _dense(
             c.projection_dim, ("embed", None), None, self.dtype, use_bias=False
         )
@@ -484,6 +518,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, pixels: Array) -> Array:
         """Projected (unnormalised) image embeddings z_i, (B, projection_dim)."""
+        self.config.require_vision("encoding images")
         _, pooled = self.vision_model(pixels)
         return self.visual_projection(pooled)
 
@@ -491,6 +526,7 @@ class CLIP(nn.Module):
         self, input_ids: Array, attention_mask: Array | None, pixels: Array
     ) -> tuple[Array, Array, Array]:
         """(z_t, z_i, logit_scale) for a batch of pairs: what the contrastive loss needs."""
+        self.config.require_vision("the contrastive loss")
         return (
             self.encode_text(input_ids, attention_mask),
             self.encode_image(pixels),
@@ -523,6 +559,9 @@ def contrastive_loss(
 def init_params(model: CLIP, rng: jax.Array) -> Any:
     """A CLIP's params (with their logical axis names), from dummy inputs of its sizes."""
     c = model.config
+    if c.vision is None:
+        ids = jnp.zeros((1, c.context_length), jnp.int32)
+        return model.init(rng, ids, None, method="encode_text")["params"]
     size = c.vision.image_size
     return model.init(
         rng, jnp.zeros((1, c.context_length), jnp.int32), None, jnp.zeros((1, size, size, 3))

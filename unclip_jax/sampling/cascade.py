@@ -38,7 +38,7 @@ from safetensors.numpy import load_file
 
 from unclip_jax import diffusion as D
 from unclip_jax.clip import PretrainedClip, load_pretrained, preprocess_images
-from unclip_jax.config import ConfigError
+from unclip_jax.config import CHOICES, ConfigError
 from unclip_jax.data.images import resize_shorter_side_and_center_crop, to_float
 from unclip_jax.models.builders import (
     decoder_example_inputs,
@@ -88,12 +88,23 @@ _SAMPLING = ("steps", "method", "eta", "guidance_scale", "clip_x0", "dynamic_thr
 # What `settings` (and `--set STAGE.KEY=VALUE`) may change, per stage; "upsampler" applies to
 # every upsampler, "upsampler0", "upsampler1", ... to one (and win over "upsampler").
 SETTINGS: dict[str, tuple[str, ...]] = {
-    "prior": (*_SAMPLING, "num_candidates", "temperature", "top_p"),
-    "decoder": (*_SAMPLING, "inversion_iters"),
+    "prior": (*_SAMPLING, "uncond_text", "num_candidates", "temperature", "top_p"),
+    "decoder": (*_SAMPLING, "uncond_text", "inversion_iters"),
     "upsampler": ("steps", "method", "eta", "clip_x0", "dynamic_threshold"),
 }
 # The type each setting is read as (the rest are floats).
-_SETTING_TYPES = {"steps": str, "method": str, "num_candidates": int, "inversion_iters": int}
+_SETTING_TYPES = {
+    "steps": str,
+    "method": str,
+    "uncond_text": str,
+    "num_candidates": int,
+    "inversion_iters": int,
+}
+# Settings with a fixed set of values (the config's choices).
+_SETTING_CHOICES = {
+    "method": CHOICES["sampling.method"],
+    "uncond_text": CHOICES["sampling.uncond_text"],
+}
 
 
 def _settings_stage(stage: str) -> str:
@@ -159,6 +170,11 @@ def check_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
                 raise ConfigError(
                     f"setting {stage}.{name} is {value!r}, not a {kind.__name__}"
                 ) from None
+            choices = _SETTING_CHOICES.get(name)
+            if choices and out[stage][name] not in choices:
+                raise ConfigError(
+                    f"setting {stage}.{name} is {value!r}; valid values: {', '.join(choices)}"
+                )
     return out
 
 
@@ -317,6 +333,7 @@ class Cascade:
         self._build_prior()
         self._build_upsamplers()
         self.clip_params = replicate(jax.device_get(self.clip.params), self.mesh)
+        self._empty: dict[str, dict[str, Array]] = {}  # `_empty_caption`, by stage
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -409,6 +426,11 @@ class Cascade:
         )
         inputs = prior_example_inputs(c, text_width=self.clip.config.text.hidden_size)
         self.prior_params = self._place_stage(self.prior_weights, self.prior, inputs)
+        if c.kind != "diffusion" and s.get("uncond_text", "drop") == "empty":
+            raise ConfigError(
+                "setting prior.uncond_text 'empty' is for the diffusion prior; the "
+                "autoregressive prior's guidance drops the caption"
+            )
         if c.kind == "diffusion":
             stats = None
             if c.embedding.normalization == "standardize":
@@ -530,6 +552,8 @@ class Cascade:
         with self.context():
             cond = self._prior_encode(self.clip_params, tokens["prior_ids"], tokens["prior_mask"])
             if self.prior_kind == "diffusion":
+                if self.settings["prior"].get("uncond_text", "drop") == "empty":
+                    cond = {**cond, "uncond": self._empty_caption("prior")}
                 return self._prior_sample(self.prior_params, cond, keys)
             inputs = {
                 "input_ids": tokens["prior_ids"],
@@ -579,21 +603,54 @@ class Cascade:
                 settings,
                 resolution=self.decoder_resolution,
             )
+        cond = self._with_uncond(cond, settings)
         with self.context():
             return self._decoders[name](self.decoder_params, cond, keys, x_T)
 
     def invert(self, cond: Mapping[str, Array], x0: Array) -> Array:
         """DDIM inversion x0 -> x_T of decoder-resolution images in [-1, 1] on `cond`."""
+        cond = self._with_uncond(cond, self.settings["decoder"])
         with self.context():
             return self._invert(self.decoder_params, cond, x0)
 
+    def _with_uncond(self, cond: Mapping[str, Array], settings: Mapping[str, Any]) -> Any:
+        """`cond` with the empty caption's encoding as `uncond` when the decoder's guidance
+        contrasts with it (`uncond_text` "empty", Karlo's)."""
+        if settings.get("uncond_text", "drop") != "empty" or "uncond" in cond:
+            return cond
+        return {**cond, "uncond": self._empty_caption("decoder")}
+
+    def _empty_caption(self, stage: str) -> dict[str, Array]:
+        """The empty caption "" encoded for `stage` ('prior': z_t, text_states, text_mask at
+        CLIP's context length; 'decoder': the decoder's caption keys at its text_tokens), one
+        row, computed once: the unconditional half of Karlo's guidance."""
+        if stage not in self._empty:
+            tokens = self.tokenize([""])
+            with self.context():
+                if stage == "prior":
+                    ids = replicate(tokens["prior_ids"], self.mesh)
+                    mask = replicate(tokens["prior_mask"], self.mesh)
+                    self._empty[stage] = dict(self._prior_encode(self.clip_params, ids, mask))
+                else:
+                    batch = {
+                        "z_i": np.zeros((1, self.decoder_model["clip_dim"]), np.float32),
+                        "input_ids": tokens["decoder_ids"],
+                        "text_mask": tokens["decoder_mask"],
+                    }
+                    cond = self._decoder_encode(self.clip_params, replicate(batch, self.mesh))
+                    self._empty[stage] = {k: v for k, v in cond.items() if k != "z_i"}
+        return self._empty[stage]
+
     def upsample(self, images: Array, keys: Array) -> Array:
-        """Decoder images through every upsampler, in order."""
+        """Decoder images through every upsampler, in order; each stage's input is clipped to
+        [-1, 1], the range the upsamplers trained on (Karlo's pipeline clamps too)."""
         with self.context():
             for i, (fn, params) in enumerate(
                 zip(self._upsample, self.upsampler_params, strict=True)
             ):
-                images = fn(params, images, D.fold_in(keys, UPSAMPLER_STREAM + i))
+                images = fn(
+                    params, jnp.clip(images, -1.0, 1.0), D.fold_in(keys, UPSAMPLER_STREAM + i)
+                )
         return images
 
     def generate(self, tokens: Mapping[str, Array], keys: Array) -> Array:
@@ -609,7 +666,10 @@ class Cascade:
         the centre crop at the decoder's resolution in [-1, 1]."""
         clip = self.clip
         pixels = preprocess_images(
-            images, clip.config.vision.image_size, mean=clip.image_mean, std=clip.image_std
+            images,
+            clip.config.require_vision("an image as input").image_size,
+            mean=clip.image_mean,
+            std=clip.image_std,
         )
         x0 = np.stack(
             [

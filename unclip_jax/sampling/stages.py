@@ -3,6 +3,11 @@
 
 Each `*_sampler` returns a jitted pure function of (params, inputs, key) -> images in [-1, 1],
 compiled once per input shape, so a training hook and a sampling job run the same code.
+
+Sampling method "karlo" (`sampling.method`) runs ancestral DDPM steps on diffusers'
+`UnCLIPScheduler`'s schedule (`D.karlo_schedule`); with `sampling.uncond_text` "empty" the
+caller puts the empty caption's encoding in `cond["uncond"]` and guidance contrasts with it
+(Karlo's pipeline) instead of dropping the caption.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unclip_jax import diffusion as D
 from unclip_jax.models.clip import CLIP
 from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior, unit_norm
-from unclip_jax.models.unet import Decoder, UNet, upsampler_input
+from unclip_jax.models.unet import Decoder, LastStepUNets, UNet, upsampler_input
 
 Array = jax.Array
 log = logging.getLogger("unclip_jax.sample")
@@ -27,8 +33,23 @@ INVERSION_ITERS = 5
 
 
 def sampling_schedule(diffusion: Mapping[str, Any], sampling: Mapping[str, Any]) -> D.Schedule:
-    """The training schedule respaced to `sampling.steps` ('250', 'ddim27', '10,10,5')."""
+    """The training schedule respaced to `sampling.steps` ('250', 'ddim27', '10,10,5'); with
+    method "karlo", `UnCLIPScheduler`'s schedule of that many steps (`D.karlo_schedule`)."""
+    if sampling["method"] == "karlo":
+        steps = str(sampling["steps"]).strip()
+        if diffusion["schedule"] != "cosine" or not steps.isdigit():
+            raise ValueError(
+                f"sampling method 'karlo' takes a number of steps of a cosine schedule, got "
+                f"steps {steps!r} of a {diffusion['schedule']} schedule"
+            )
+        return D.karlo_schedule(diffusion["num_steps"], int(steps))
     return D.make_schedule(diffusion["schedule"], diffusion["num_steps"], sampling["steps"])
+
+
+def broadcast_rows(tree: Any, batch: int) -> Any:
+    """Each leaf of `tree` (1, ...) broadcast to (batch, ...): one conditioning for every row
+    (e.g. the empty caption's encoding, the unconditional half of Karlo's guidance)."""
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape[1:])), tree)
 
 
 def _sample(
@@ -43,7 +64,8 @@ def _sample(
         sched=sampling_schedule(diffusion, sampling),
         x_T=x_T,
         key=key,
-        method=sampling["method"],
+        # "karlo" is DDPM's ancestral step on UnCLIPScheduler's schedule.
+        method="ddpm" if sampling["method"] == "karlo" else sampling["method"],
         eta=sampling.get("eta", 0.0),
         prediction=diffusion["prediction"],
         variance=diffusion["variance"],
@@ -116,10 +138,22 @@ def _decoder_model_fn(
     `cond` may hold a per-row `drop_text` (bool): those rows are conditioned on z_i alone
     (image variations, inversion). With guidance the unconditional half has z_i replaced by
     the learned null embedding and the caption dropped, as guidance training dropped them.
+    When `cond` holds `uncond` (the caption keys of one row, e.g. the empty caption's
+    encoding: Karlo's way), that caption stands for "no caption" instead of dropping it: in
+    every row of the unconditional half and in the `drop_text` rows (as Karlo's variation
+    pipeline encodes "" for them).
     """
     cond = dict(cond)
     batch = cond["z_i"].shape[0]
     drop_text = cond.pop("drop_text", None)
+    uncond = cond.pop("uncond", None)
+    if uncond is not None:
+        uncond = broadcast_rows(dict(uncond), batch)
+        if drop_text is not None:
+            for name, empty in uncond.items():
+                rows = drop_text.reshape((batch,) + (1,) * (empty.ndim - 1))
+                cond[name] = jnp.where(rows, empty, cond[name])
+            drop_text = None
 
     def apply(x: Array, t: Array, c: Mapping[str, Array]) -> Array:
         c = dict(c)
@@ -144,6 +178,8 @@ def _decoder_model_fn(
         "drop_image": jnp.ones((batch,), bool),
         "drop_text": jnp.ones((batch,), bool),
     }
+    if uncond is not None:
+        dropped.update(uncond, drop_text=jnp.zeros((batch,), bool))
     return D.guided_model_fn(apply, cond=kept, uncond=dropped, scale=scale, variance=variance)
 
 
@@ -161,7 +197,8 @@ def decoder_sampler(
     and optionally `drop_text` (B,) bool to condition rows on z_i alone. With
     `sampling.guidance_scale` s != 1 the model runs on [cond; uncond] in one batch, the
     unconditional half with z_i replaced by the learned null embedding and the caption dropped
-    (how guidance training dropped them), and the prediction is s cond + (1 - s) uncond.
+    (how guidance training dropped them) or, when `cond` holds `uncond` (one row of caption
+    keys), replaced by that caption; the prediction is s cond + (1 - s) uncond.
     `key` is one key or one per row (each row's noise then comes from its own key alone); x_T
     (e.g. a DDIM inversion) replaces the noise the sampler would start from.
     """
@@ -249,7 +286,7 @@ def inversion_sampling(sampling: Mapping[str, Any], num_steps: int | None = None
 
 
 def upsampler_sampler(
-    unet: UNet,
+    unet: UNet | LastStepUNets,
     diffusion: Mapping[str, Any],
     sampling: Mapping[str, Any],
     *,
@@ -259,8 +296,12 @@ def upsampler_sampler(
 
     `low_res` (B, h, w, 3) in [-1, 1] is resized to the output size and concatenated to x_t
     at every step (`upsampler_input`); having no attention the U-Net runs on the whole image
-    whatever crop size it trained on. `key` is one key or one per row.
+    whatever crop size it trained on. `key` is one key or one per row. A `LastStepUNets`
+    (Karlo's super-res) runs its `super_res_last` at the last step, `super_res_first` before.
     """
+    # The original timestep of the last step (the schedule's first), where a LastStepUNets
+    # switches nets.
+    last_t = int(np.asarray(sampling_schedule(diffusion, sampling).timesteps)[0])
 
     @jax.jit
     def fn(params: Any, low_res: Array, key: Array) -> Array:
@@ -269,7 +310,15 @@ def upsampler_sampler(
         x_T = D.row_normal(noise_key, (b, scale * h, scale * w, c))
 
         def model_fn(x: Array, t: Array) -> Array:
-            out = unet.apply({"params": params}, upsampler_input(x, low_res), t)
+            inputs = upsampler_input(x, low_res)
+            if isinstance(unet, LastStepUNets):
+                out = jax.lax.cond(
+                    t[0] == last_t,
+                    lambda: unet.apply({"params": params}, inputs, t, last=True),
+                    lambda: unet.apply({"params": params}, inputs, t, last=False),
+                )
+            else:
+                out = unet.apply({"params": params}, inputs, t)
             return out.astype(jnp.float32)
 
         return _sample(model_fn, x_T, loop_key, diffusion, sampling)
@@ -297,9 +346,11 @@ def prior_sampler(
 
     `cond` holds `z_t` (B, D), `text_states` (B, L, W) and `text_mask` (B, L). Each caption
     gets `num_candidates` samples (guided with `sampling.guidance_scale`, the unconditional half
-    with the text dropped), `decode` maps them from the diffusion space back to CLIP's (see
-    `models.prior.denormalize_embedding`), and the one with the largest dot product with z_t
-    is kept. `key` is one key or one per caption.
+    with the text dropped, or, when `cond` holds `uncond` (the same three keys for one row,
+    e.g. the empty caption's encoding: Karlo's guidance), on that caption), `decode` maps them
+    from the diffusion space back to CLIP's (see `models.prior.denormalize_embedding`), and
+    the one with the largest dot product with z_t is kept. `key` is one key or one per
+    caption.
     """
     scale = float(sampling["guidance_scale"])
     k = int(num_candidates)
@@ -321,8 +372,10 @@ def prior_sampler(
 
     @jax.jit
     def fn(params: Any, cond: Mapping[str, Array], key: Array) -> Array:
+        cond = dict(cond)
+        uncond = cond.pop("uncond", None)
         b = cond["z_t"].shape[0]
-        repeated = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), dict(cond))
+        repeated = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), cond)
         if D.is_key_batch(key):  # row r's K candidates from key r alone
             key = jax.vmap(
                 lambda row: jax.vmap(lambda j: jax.random.fold_in(row, j))(jnp.arange(k))
@@ -336,10 +389,17 @@ def prior_sampler(
             )
         else:
             n = b * k
+            if uncond is None:
+                unconditional = {**repeated, "drop_text": jnp.ones((n,), bool)}
+            else:
+                unconditional = {
+                    **broadcast_rows(dict(uncond), n),
+                    "drop_text": jnp.zeros((n,), bool),
+                }
             guided = D.guided_model_fn(
                 lambda x, t, c: model_fn(params, x, t, c),
                 cond={**repeated, "drop_text": jnp.zeros((n,), bool)},
-                uncond={**repeated, "drop_text": jnp.ones((n,), bool)},
+                uncond=unconditional,
                 scale=scale,
                 variance=diffusion["variance"],
             )

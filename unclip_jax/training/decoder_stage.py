@@ -208,7 +208,7 @@ def decoder_batch_row(config: ml_collections.ConfigDict, clip_config: ClipConfig
     """ShapeDtypeStructs of one row of the decoder's batches (`decoder_transform`'s output)."""
     res, size, tokens = (
         config.model.resolution,
-        clip_config.vision.image_size,
+        clip_config.require_vision("the decoder (z_i of its training images)").image_size,
         config.model.text_tokens,
     )
     return {
@@ -260,7 +260,11 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     step = _decoder_step(config, clip.config, clip.tokenizer.eos_id)
     spec, kwargs = dataset_spec(config.data)
     train_source = open_dataset(spec, "train", **kwargs)
-    check_image_size(train_source, clip.config.vision.image_size, spec)
+    check_image_size(
+        train_source,
+        clip.config.require_vision("the decoder (z_i of its training images)").image_size,
+        spec,
+    )
     transform = decoder_transform(clip, model_config["resolution"], model_config["text_tokens"])
     hooks = []
     if config.samples.every > 0:

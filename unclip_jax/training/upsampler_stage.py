@@ -99,6 +99,11 @@ def _sample_hook(config: ml_collections.ConfigDict, unet: Any, scale: int) -> Ho
 def _upsampler_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The upsampler U-Net, its init and loss: what training and planning share."""
     model_config = config.model.to_dict()
+    if model_config.get("last_step_unet", False):
+        raise ConfigError(
+            "config key 'model.last_step_unet' is True: a second U-Net for the last sampling "
+            "step is for imported Karlo weights; training trains one U-Net (set it False)"
+        )
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     learned = config.diffusion.variance == "learned_range"
     unet = upsampler_from_config(
