@@ -293,9 +293,11 @@ def plan_train_step(
         frozen_sharding,
     )
     start = time.perf_counter()
-    # A TPU executable in the persistent cache could not be read back on this machine.
-    cache_was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    # A TPU executable in the persistent compilation cache could not be read back on this
+    # machine (jax decides once per process whether the cache is on, so turning it off here
+    # would not do; a minimum compile time nothing reaches keeps the plan out of it).
+    min_time_was = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             compiled = step.lower(state, batch, *frozen).compile()
@@ -307,7 +309,7 @@ def plan_train_step(
             raise
         compiled, memory, error = None, None, str(err).splitlines()[0]
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time_was)
     seconds = time.perf_counter() - start
     held = {
         "params": _bytes_per_chip(state.params),
