@@ -115,6 +115,17 @@ def test_candidate_fixes_stop_at_one_row_per_chip():
     assert [f["train.batch_size"] for f in fixes[3:]] == [8, 4]
 
 
+@needs_libtpu
+@pytest.mark.parametrize(
+    "topology,chips,chip",
+    [("v4:2x2x1", 4, "v4"), ("v5p:2x2x1", 4, "v5p"), ("v6e:2x2", 4, "v6e"), ("v5e:4x4", 16, "v5e")],
+)
+def test_each_generation_plans_one_device_per_chip(topology, chips, chip):
+    devices = P.topology_devices(topology)
+    assert len(devices) == chips
+    assert P.CHIPS[devices[0].device_kind].name == chip
+
+
 def test_an_unknown_topology_is_named():
     with pytest.raises(ConfigError, match="unknown TPU topology 'v9:4x4'"):
         P.topology_devices("v9:4x4")

@@ -95,7 +95,9 @@ def topology_devices(name: str) -> list[Any]:
         topology = topologies.get_topology_desc(
             platform="tpu",
             topology_name=name,
-            chip_config_name="default",
+            # v4's two TensorCores act as one device per chip (megacore), as JAX runs it on
+            # a v4 slice; libtpu's "default" would plan for two half-chips.
+            chip_config_name="megacore" if match.group(1) == "v4" else "default",
             chips_per_host_bounds=bounds,
             num_slices=1,
         )
