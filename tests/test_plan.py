@@ -169,27 +169,17 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named(devices):
         P.plan_train_step(c, devices)
 
 
+def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "unclip_jax.cli", "plan", "--topology", TOPOLOGY, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 @needs_libtpu
 def test_the_plan_command_prints_the_plan_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unclip_jax.cli",
-            "plan",
-            "--config",
-            f"{ROOT}/configs/upsampler.py:tiny",
-            "--topology",
-            TOPOLOGY,
-            "--json",
-            str(out),
-            "--config.mesh.data=1",
-            "--config.mesh.fsdp=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    tiny = f"{ROOT}/configs/upsampler.py:tiny"
+    run = _plan_cli(
+        "--config", tiny, "--json", str(out), "--config.mesh.data=1", "--config.mesh.fsdp=-1"
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "mesh data=1 x fsdp=4 x tensor=1" in run.stdout and ": fits" in run.stdout
@@ -197,24 +187,7 @@ def test_the_plan_command_prints_the_plan_and_writes_json(tmp_path):
     assert record["fits"] and record["num_chips"] == 4
     assert record["overrides"] == {"mesh.data": "1", "mesh.fsdp": "-1"}
     # Too little HBM and no fixes: exit status 1, the verdict in the report.
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "unclip_jax.cli",
-            "plan",
-            "--config",
-            f"{ROOT}/configs/upsampler.py:tiny",
-            "--topology",
-            TOPOLOGY,
-            "--hbm-gib",
-            "0.001",
-            "--no-fixes",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _plan_cli("--config", tiny, "--hbm-gib", "0.001", "--no-fixes")
     assert run.returncode == 1 and "DOES NOT FIT" in run.stdout
 
 

@@ -325,6 +325,17 @@ def iterate_sweep(spec: str) -> Iterator[tuple[dict[str, Any], ConfigDict]]:
     yield from zip(points, configs, strict=True)
 
 
+def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"a.b.c": value} (tuples as lists, as they come back from JSON),
+    for comparing a saved config with the current one key by key."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
 def config_to_json(config: ConfigDict) -> str:
     """The config as stable, human-readable JSON (tuples become lists)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -47,6 +47,7 @@ from unclip_jax.config import (
     ConfigError,
     apply_overrides,
     config_to_json,
+    flatten_config,
     iterate_sweep,
     load_config,
     parse_override_args,
@@ -174,17 +175,8 @@ def sweep_record(
     )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): tree}
-
-
 def _first_difference(saved: Any, now: Any) -> str:
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten_config(saved), flatten_config(now)
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             return (

@@ -27,6 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from unclip_jax.config import flatten_config
 from unclip_jax.parallel import (
     LOGICAL_AXIS_RULES,
     batch_sharding,
@@ -76,18 +77,9 @@ MUST_MATCH = ("stage", "model", "diffusion", "kind", "embedding")
 SHOULD_MATCH = ("train.batch_size", "train.seed", "train.steps", "optim", "clip")
 
 
-def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat_config(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
 def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(keys that must match but differ, keys that should match but differ), as 'k: a -> b'."""
-    a, b = _flat_config(saved), _flat_config(current)
+    a, b = flatten_config(saved), flatten_config(current)
     must, should = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
