@@ -34,14 +34,18 @@ class Command:
     run: Callable[[argparse.Namespace, dict[str, str]], int]
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _add_config_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """The required `--config FILE[:VARIANT]` every config-driven command takes."""
     parser.add_argument(
         "--config",
         required=True,
         metavar="FILE[:VARIANT]",
-        help="a stage config, e.g. configs/decoder.py:tiny; override fields with "
-        "--config.KEY=VALUE",
+        help=f"{what}, e.g. configs/decoder.py:tiny; override fields with --config.KEY=VALUE",
     )
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_arg(parser, "a stage config")
     parser.add_argument(
         "--sweep", action="store_true", help="print every point of the file's sweep() instead"
     )
@@ -58,13 +62,7 @@ def _run_config(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        required=True,
-        metavar="FILE[:VARIANT]",
-        help="the stage config, e.g. configs/decoder.py:tiny; override fields "
-        "with --config.KEY=VALUE",
-    )
+    _add_config_arg(parser, "the stage config")
     parser.add_argument(
         "--workdir",
         required=True,
@@ -612,12 +610,8 @@ def _sweep() -> Any:
 
 
 def _add_plan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        required=True,
-        metavar="FILE[:VARIANT]",
-        help="the stage config whose train step to plan, e.g. configs/decoder.py:paper; "
-        "override fields (mesh.*, train.batch_size, train.remat, ...) with --config.KEY=VALUE",
+    _add_config_arg(
+        parser, "the stage config whose train step to plan (mesh.*, train.remat, ... overridable)"
     )
     parser.add_argument(
         "--topology",
