@@ -349,3 +349,29 @@ def test_the_decoder_conditions_on_unit_z_i_unless_told_otherwise(clip_dir, data
         else:
             assert np.abs(norms - 1.0).max() > 1e-2
     assert config("decoder", "karlo").model.unit_z_i is False
+
+
+def test_z_i_norm_scales_unit_z_i_and_a_bad_norm_is_refused(clip_dir, data_dir):
+    """model.z_i_norm sets the norm unit z_i reaches the decoder at (sqrt(clip_dim) in the
+    shapes demo, 1 elsewhere), the same direction; a norm <= 0, or one other than 1 for raw
+    (non-unit) embeddings, is an error naming the key."""
+    from unclip_jax.clip import load_pretrained
+    from unclip_jax.models.clip import CLIP
+    from unclip_jax.sampling import decoder_conditioning
+
+    clip = load_pretrained(clip_dir)
+    stage = build_stage(config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir}))
+    batch = next(stage.make_data(0, 1))
+
+    def z_i(**kwargs):
+        encode = decoder_conditioning(CLIP(clip.config), text_encoder="transformer", **kwargs)
+        return np.asarray(encode(clip.params, batch)["z_i"])
+
+    unit, scaled = z_i(unit_z_i=True), z_i(unit_z_i=True, z_i_norm=4.0)
+    np.testing.assert_allclose(np.linalg.norm(scaled, axis=-1), 4.0, rtol=1e-5)
+    np.testing.assert_allclose(scaled, 4.0 * unit, rtol=1e-5, atol=1e-7)
+    for bad in (dict(unit_z_i=True, z_i_norm=0.0), dict(unit_z_i=False, z_i_norm=2.0)):
+        with pytest.raises(ValueError, match=r"model\.z_i_norm"):
+            z_i(**bad)
+    assert config("decoder", "shapes").model.z_i_norm == pytest.approx(128**0.5)
+    assert config("decoder", "paper").model.z_i_norm == 1.0

@@ -403,6 +403,7 @@ class Cascade:
                 CLIP(self.clip.config, dtype=self.dtype),
                 text_encoder=model["text_encoder"],
                 unit_z_i=model.get("unit_z_i", True),
+                z_i_norm=model.get("z_i_norm", 1.0),
             )
         )
         self._decoders: dict[str, Any] = {}  # samplers by their settings (`decode`)

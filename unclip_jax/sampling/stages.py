@@ -75,17 +75,24 @@ def _sample(
 
 
 def decoder_conditioning(
-    clip_model: CLIP, *, text_encoder: str, unit_z_i: bool
+    clip_model: CLIP, *, text_encoder: str, unit_z_i: bool, z_i_norm: float = 1.0
 ) -> Callable[[Any, Mapping[str, Array]], dict[str, Array]]:
     """`encode(clip_params, batch) -> cond`: the decoder's conditioning from a frozen CLIP.
 
     `batch` holds `input_ids` and `text_mask` (the caption, tokenized at the decoder's
     text_tokens) and either `clip_pixels` (CLIP-preprocessed images, encoded here) or `z_i`
     (an embedding already, e.g. a prior's sample); z_i is scaled to unit norm when
-    `unit_z_i`, the priors' output space. A decoder with its own caption transformer reads
+    `unit_z_i`, the priors' output space, then to norm `z_i_norm` (the decoder's
+    `model.z_i_norm`: sqrt(clip_dim) gives entries of order 1, like the caption's). A decoder with its own caption transformer reads
     `input_ids`; one on CLIP's text (Karlo's) reads the text tower's `text_embeds` and
     `text_states`.
     """
+
+    if not z_i_norm > 0 or (z_i_norm != 1.0 and not unit_z_i):
+        raise ValueError(
+            f"model.z_i_norm {z_i_norm!r}: the norm unit z_i is scaled to must be > 0, and 1 "
+            "when model.unit_z_i is False (raw CLIP embeddings keep their own norm)"
+        )
 
     def encode(clip_params: Any, batch: Mapping[str, Array]) -> dict[str, Array]:
         variables = {"params": clip_params}
@@ -93,7 +100,7 @@ def decoder_conditioning(
         if z_i is None:
             z_i = clip_model.apply(variables, batch["clip_pixels"], method="encode_image")
         if unit_z_i:
-            z_i = unit_norm(z_i)
+            z_i = unit_norm(z_i) * z_i_norm
         cond = {"z_i": z_i, "text_mask": batch["text_mask"]}
         if text_encoder == "transformer":
             cond["input_ids"] = batch["input_ids"]

@@ -172,6 +172,7 @@ def _decoder_step(
         CLIP(clip_config, dtype=dtype),
         text_encoder=model_config["text_encoder"],
         unit_z_i=model_config.get("unit_z_i", True),
+        z_i_norm=model_config.get("z_i_norm", 1.0),
     )
     sched = D.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
     guidance = config.guidance
