@@ -34,8 +34,6 @@ def config(spec: str, **overrides):
 
 @pytest.fixture(scope="module")
 def devices():
-    if not HAS_LIBTPU:
-        pytest.skip(NO_LIBTPU)  # for the tests that take the devices without the mark
     return P.topology_devices(TOPOLOGY)
 
 
@@ -156,6 +154,7 @@ def test_the_frozen_clip_comes_from_the_clip_config_next_to_the_stage(tmp_path):
     assert from_dir.projection_dim == 768
 
 
+@needs_libtpu
 def test_a_clip_that_does_not_fit_the_stage_is_an_error_naming_the_key(devices):
     c = config("decoder.py:tiny", **{"model.vocab_size": 1024})
     wrong = P.planned_clip_config(c, "configs/decoder.py", f"{ROOT}/configs/clip.py:shapes")
@@ -163,6 +162,7 @@ def test_a_clip_that_does_not_fit_the_stage_is_an_error_naming_the_key(devices):
         P.plan_train_step(c, devices, clip_config=wrong)
 
 
+@needs_libtpu
 def test_a_batch_that_does_not_split_over_the_mesh_is_named(devices):
     c = config("upsampler.py:tiny", **{"train.batch_size": 6})
     with pytest.raises(ConfigError, match=r"'train\.batch_size' is 6.*data x fsdp = 4 x 1"):
