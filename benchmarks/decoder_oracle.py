@@ -22,9 +22,10 @@ import time
 import jax
 import numpy as np
 
+from unclip_jax.data.images import to_uint8
 from unclip_jax.data.pipeline import open_dataset
-from unclip_jax.data.shapes import ATTRIBUTES, NUM_COMBINATIONS, is_held_out
-from unclip_jax.evaluation.shapes_reader import read_shapes_image
+from unclip_jax.data.shapes import NUM_COMBINATIONS, is_held_out
+from unclip_jax.evaluation.shapes_reader import attribute_accuracy
 from unclip_jax.sampling.cascade import Cascade, PipelineSpec, parse_settings
 
 
@@ -52,22 +53,15 @@ def main() -> None:
         parse_settings([f"decoder.{s}" for s in args.set]).get("decoder", {})
     )
     cascade = Cascade(PipelineSpec(decoder=args.decoder, clip=args.clip), settings=settings)
-    examples = seen_examples(args.data_dir, 32, args.num)
+    examples = seen_examples(args.data_dir, cascade.decoder_resolution, args.num)
     start = time.perf_counter()
     inputs = cascade.image_inputs([np.asarray(e["image"]) for e in examples])
     z_i = cascade.image_embeddings(cascade.put(inputs["clip_pixels"]))
     tokens = cascade.put(cascade.tokenize([str(e["caption"]) for e in examples]))
     keys = jax.random.split(jax.random.key(args.seed), len(examples))
     images = np.asarray(cascade.decode(cascade.decoder_cond(z_i, tokens), keys))
-    pixels = np.clip((images + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    right = np.array(
-        [
-            [read_shapes_image(im)[k] == int(e["labels"][k]) for k in ATTRIBUTES]
-            for im, e in zip(pixels, examples, strict=True)
-        ]
-    )
-    result = {k: round(float(v), 3) for k, v in zip(ATTRIBUTES, right.mean(0), strict=True)}
-    result["all_five"] = round(float(right.all(1).mean()), 3)
+    scores = attribute_accuracy([to_uint8(im) for im in images], [e["labels"] for e in examples])
+    result = {k: round(v, 3) for k, v in scores.items()}
     result.update(
         num=len(examples),
         settings=cascade.settings["decoder"],
