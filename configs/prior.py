@@ -32,7 +32,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         width=128,
         layers=4,
         heads=4,
-        text_tokens=24,  # caption token states in the prefix: the CLIP's context length
+        text_tokens=16,  # caption token states in the prefix: the CLIP's context length
         dropout=0.0,
     )
     # The frozen CLIP whose text tower gives z_t and the caption's token states (its tokenizer

@@ -171,6 +171,35 @@ def test_contrastive_loss_matches_a_numpy_reference_with_the_clamped_scale():
     assert float(metrics["accuracy_t2i"]) == 1.0 and float(matched) < 0.05
 
 
+def test_hard_negatives_join_only_the_image_to_text_softmax():
+    rng = np.random.default_rng(0)
+    z_t, z_i = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    z_n = rng.standard_normal((6, 3, 5))
+    log_scale = jnp.log(20.0)
+
+    def unit(z):
+        return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+    def xent(m):
+        m = m - m.max(axis=1, keepdims=True)
+        return -np.mean(np.diag(m) - np.log(np.exp(m).sum(axis=1)))
+
+    logits = 20.0 * unit(z_t) @ unit(z_i).T
+    negative_logits = 20.0 * np.einsum("bd,bkd->bk", unit(z_i), unit(z_n))
+    # Image b's row: the batch's captions, then its own 3 negatives; text->image as before.
+    expected = (xent(logits) + xent(np.concatenate([logits.T, negative_logits], 1))) / 2
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    loss, metrics = clip.contrastive_loss(f32(z_t), f32(z_i), log_scale, f32(z_n))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    best_negative = negative_logits.max(1) > np.diag(logits)
+    assert float(metrics["negative_error"]) == pytest.approx(best_negative.mean())
+    # A negative identical to the caption takes half the image's probability: loss rises.
+    same = jnp.repeat(f32(z_t)[:, None], 3, axis=1)
+    assert float(clip.contrastive_loss(f32(z_t), f32(z_i), log_scale, same)[0]) > float(
+        clip.contrastive_loss(f32(z_t), f32(z_i), log_scale)[0]
+    )
+
+
 def test_configs_read_transformers_tower_dicts_and_reject_unknown_activations():
     legacy = {  # as openai/clip-vit-large-patch14's config.json: the *_dict fields win
         "projection_dim": 768,

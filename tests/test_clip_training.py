@@ -39,6 +39,34 @@ def test_the_planned_clip_step_is_the_trained_one(tmp_path):
     assert_spec_is_the_stage(build_step_spec(config), stage)
 
 
+def test_clip_trains_against_hard_negative_captions(tmp_path):
+    """With hard_negatives.num K each batch row carries K swapped captions, the planned step
+    is still the trained one, and training logs how often an image prefers a negative."""
+    overrides = {
+        "data.data_dir": str(tmp_path / "data"),
+        "hard_negatives.num": 2,
+        "train.steps": 2,
+        "train.checkpoint_every": 2,
+    }
+    config = load_config(f"{ROOT}/configs/clip.py:tiny", overrides)
+    stage = build_stage(config, str(tmp_path / "run"))
+    assert next(stage.make_data(0, 1))["negative_ids"].shape == (8, 2, 16)
+    assert_spec_is_the_stage(build_step_spec(config), stage)
+    train_and_evaluate(config, str(tmp_path / "run"))
+    logged = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(0.0 <= r["negative_error"] <= 1.0 for r in logged)
+
+
+def test_hard_negatives_need_shapes_captions(tmp_path):
+    config = load_config(
+        f"{ROOT}/configs/clip.py:tiny",
+        {"data.dataset": "image_text", "data.data_dir": str(tmp_path), "hard_negatives.num": 1},
+    )
+    with pytest.raises(ValueError, match=r"hard_negatives\.num 1 swaps attribute words"):
+        build_stage(config, str(tmp_path / "run"))
+
+
 def test_clip_trains_and_exports_a_loadable_checkpoint(trained_clip):
     workdir, _ = trained_clip
     records = read_metrics(workdir)

@@ -165,6 +165,37 @@ def test_captions_name_all_five_attributes_with_spec_words():
     ) == ("a small red circle in the top left on a gray background")
 
 
+def test_hard_negative_captions_swap_exactly_one_named_attribute():
+    rng = np.random.default_rng(0)
+    for index in range(40):
+        example = shapes.render_example(split="train", index=index, resolution=32)
+        caption, labels = example["caption"], example["labels"]
+        negatives = shapes.hard_negative_captions(
+            caption, rng, num=4, attributes=("position", "size")
+        )
+        assert len(set(negatives)) == 4, negatives  # distinct
+        for negative in negatives:
+            swapped = shapes.parse_caption(negative)
+            changed = [a for a in shapes.ATTRIBUTES if swapped[a] != labels[a]]
+            assert len(changed) == 1 and changed[0] in ("position", "size"), (caption, negative)
+            # The wording is the caption's: only the attribute word differs.
+            attr = changed[0]
+            assert negative.replace(shapes.LABEL_NAMES[attr][swapped[attr]], "X") == (
+                caption.replace(shapes.LABEL_NAMES[attr][labels[attr]], "X")
+            )
+
+
+def test_hard_negative_captions_reject_what_they_cannot_swap():
+    rng = np.random.default_rng(0)
+    caption = "a small red circle in the center on a gray background"
+    with pytest.raises(ValueError, match="naming every attribute"):
+        shapes.hard_negative_captions("a photo of a dog", rng, num=1, attributes=("size",))
+    with pytest.raises(ValueError, match="must be one of"):
+        shapes.hard_negative_captions(caption, rng, num=1, attributes=("texture",))
+    with pytest.raises(ValueError, match="gives only 1"):  # size has one other value
+        shapes.hard_negative_captions(caption, rng, num=2, attributes=("size",))
+
+
 def test_deterministic_by_seed_and_index():
     for index in (0, 17, 999):
         a = shapes.render_example(split="train", index=index, resolution=32, seed=3)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -210,6 +211,47 @@ def parse_caption(caption: str) -> dict[str, int] | None:
             return None
         labels[attr] = found[0]
     return labels
+
+
+def hard_negative_captions(
+    caption: str, rng: np.random.Generator, *, num: int, attributes: Sequence[str]
+) -> list[str]:
+    """`num` distinct captions that each differ from `caption` in exactly one attribute word.
+
+    The negatives are drawn without replacement from every (attribute of `attributes`, other
+    value) pair, keeping the caption's wording (NegCLIP's swapped captions, Yuksekgonul et al.
+    2023): a CLIP trained against them must tell e.g. "top left" from "top right", which
+    random batches rarely ask of it. Raises ValueError for a caption that does not name one
+    value of every attribute, an unknown attribute, or more negatives than there are pairs.
+    """
+    unknown = [a for a in attributes if a not in ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(
+            f"hard-negative attributes {list(attributes)}: each must be one of {list(ATTRIBUTES)}"
+        )
+    labels = parse_caption(caption)
+    if labels is None:
+        raise ValueError(
+            f"hard-negative captions need `shapes` captions naming every attribute once; "
+            f"got {caption!r}"
+        )
+    swaps = [
+        (attr, value)
+        for attr in dict.fromkeys(attributes)
+        for value in range(len(LABEL_NAMES[attr]))
+        if value != labels[attr]
+    ]
+    if num > len(swaps):
+        raise ValueError(
+            f"{num} hard negatives asked, but swapping {list(attributes)} gives only {len(swaps)}"
+        )
+    negatives = []
+    for k in rng.choice(len(swaps), size=num, replace=False):
+        attr, value = swaps[int(k)]
+        names = LABEL_NAMES[attr]
+        pattern = re.compile(rf"\b{re.escape(names[labels[attr]])}\b", re.IGNORECASE)
+        negatives.append(pattern.sub(names[value], caption, count=1))
+    return negatives
 
 
 def is_held_out(labels: Mapping[str, int]) -> bool:

@@ -535,25 +535,41 @@ class CLIP(nn.Module):
 
 
 def contrastive_loss(
-    z_text: Array, z_image: Array, logit_scale: Array
+    z_text: Array, z_image: Array, logit_scale: Array, z_negatives: Array | None = None
 ) -> tuple[Array, dict[str, Array]]:
     """CLIP's symmetric cross-entropy over the (global) batch, with a learned temperature.
 
     logits = exp(s) <z_t / |z_t|, z_i / |z_i|>, s clipped at log 100 as OpenAI does; the loss
     is the mean of the text->image and image->text cross-entropies with the diagonal as targets.
+    `z_negatives` (B, K, D), embeddings of K hard-negative captions per image (NegCLIP), join
+    each image's row of the image->text softmax: image b must pick its caption among the
+    batch's and its own K negatives. The text->image direction is unchanged.
     """
-    z_text = z_text.astype(jnp.float32)
-    z_image = z_image.astype(jnp.float32)
-    z_text = z_text / jnp.linalg.norm(z_text, axis=-1, keepdims=True)
-    z_image = z_image / jnp.linalg.norm(z_image, axis=-1, keepdims=True)
+
+    def unit(z: Array) -> Array:
+        z = z.astype(jnp.float32)
+        return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+
+    z_text, z_image = unit(z_text), unit(z_image)
     scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), math.log(100.0)))
     logits = scale * z_text @ z_image.T
     labels = jnp.arange(logits.shape[0])
     text_to_image = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], 1)
-    image_to_text = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=0), labels[None, :], 0)
+    image_logits = logits.T  # (images, texts)
+    metrics = {}
+    if z_negatives is not None:
+        negative_logits = scale * jnp.einsum("bd,bkd->bk", z_image, unit(z_negatives))
+        # How often an image prefers one of its own negatives to its caption.
+        metrics["negative_error"] = (
+            negative_logits.max(axis=1) > jnp.diagonal(image_logits)
+        ).mean()
+        image_logits = jnp.concatenate([image_logits, negative_logits], axis=1)
+    image_to_text = -jnp.take_along_axis(
+        jax.nn.log_softmax(image_logits, axis=1), labels[:, None], 1
+    )
     loss = (text_to_image.mean() + image_to_text.mean()) / 2
     accuracy = (jnp.argmax(logits, axis=1) == labels).mean()
-    return loss, {"accuracy_t2i": accuracy, "temperature": 1.0 / scale}
+    return loss, {"accuracy_t2i": accuracy, "temperature": 1.0 / scale, **metrics}
 
 
 def init_params(model: CLIP, rng: jax.Array) -> Any:

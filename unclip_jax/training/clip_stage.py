@@ -28,6 +28,7 @@ from unclip_jax.clip import (
     save_pretrained,
 )
 from unclip_jax.data.pipeline import dataset_spec, open_dataset
+from unclip_jax.data.shapes import hard_negative_captions
 from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
 from unclip_jax.models.clip import init_params as init_clip_params
@@ -151,17 +152,72 @@ def _export_hook(
     return Hook("export", config.train.steps, run)
 
 
+def _num_negatives(config: ml_collections.ConfigDict) -> int:
+    """Hard-negative captions per example (config `hard_negatives.num`; absent in old configs)."""
+    return int(config.get("hard_negatives", {}).get("num", 0))
+
+
+def _check_hard_negatives(config: ml_collections.ConfigDict) -> None:
+    """Refuses hard negatives a run cannot make, before any data is read."""
+    num = _num_negatives(config)
+    if num < 0:
+        raise ValueError(f"hard_negatives.num must be 0 (none) or more, got {num}")
+    if num == 0:
+        return
+    if config.data.dataset != "shapes":
+        raise ValueError(
+            f"hard_negatives.num {num} swaps attribute words of `shapes` captions; "
+            f"data.dataset is {config.data.dataset!r}: set hard_negatives.num=0"
+        )
+    hard_negative_captions(  # checks the attributes and that num swaps exist
+        "a small red circle in the center on a gray background",
+        np.random.default_rng(0),
+        num=num,
+        attributes=tuple(config.hard_negatives.attributes),
+    )
+
+
+def _with_hard_negatives(
+    config: ml_collections.ConfigDict, tokenizer: ClipTokenizer, clip_config: ClipConfig
+) -> Any:
+    """The example transform, plus `negative_ids`/`negative_mask` (K, L) when
+    `hard_negatives.num` K > 0: the caption with one attribute swapped, K times (`shapes`)."""
+    transform = example_transform(tokenizer, clip_config)
+    num = _num_negatives(config)
+    if num == 0:
+        return transform
+    attributes = tuple(config.hard_negatives.attributes)
+
+    def transform_with_negatives(example: dict[str, Any], rng: np.random.Generator) -> dict:
+        out = transform(example, rng)
+        negatives = hard_negative_captions(
+            str(example["caption"]), rng, num=num, attributes=attributes
+        )
+        out["negative_ids"], out["negative_mask"] = tokenizer(
+            negatives, context_length=clip_config.context_length
+        )
+        return out
+
+    return transform_with_negatives
+
+
 def _clip_step(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> dict[str, Any]:
     """The CLIP, its init and contrastive loss: what training and planning share."""
     dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
     model = CLIP(clip_config, dtype=dtype, remat=config.train.get("remat", False))
+    num = _num_negatives(config)
 
     def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array, frozen: None) -> tuple:
         del rng, frozen
-        z_t, z_i, scale = model.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixels"]
-        )
-        return contrastive_loss(z_t, z_i, scale)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        b, length = ids.shape
+        if num:  # one pass of the text tower over the captions and their negatives
+            ids = jnp.concatenate([ids, batch["negative_ids"].reshape(b * num, length)])
+            mask = jnp.concatenate([mask, batch["negative_mask"].reshape(b * num, length)])
+        z_text = model.apply({"params": params}, ids, mask, method="encode_text")
+        z_i = model.apply({"params": params}, batch["pixels"], method="encode_image")
+        negatives = z_text[b:].reshape(b, num, -1) if num else None
+        return contrastive_loss(z_text[:b], z_i, params["logit_scale"], negatives)
 
     return dict(init_params=functools.partial(init_clip_params, model), loss_fn=loss_fn)
 
@@ -172,20 +228,25 @@ def clip_step_spec(config: ml_collections.ConfigDict, clip_config: None = None) 
     del clip_config
     clip_config = ClipConfig.from_model_config(config.model.to_dict())
     tokens, size = clip_config.context_length, clip_config.vision.image_size
+    row = {
+        "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
+        "attention_mask": jax.ShapeDtypeStruct((tokens,), np.int32),
+        "pixels": jax.ShapeDtypeStruct((size, size, 3), np.float32),
+    }
+    if num := _num_negatives(config):
+        row["negative_ids"] = jax.ShapeDtypeStruct((num, tokens), np.int32)
+        row["negative_mask"] = jax.ShapeDtypeStruct((num, tokens), np.int32)
     return StepSpec(
         init_params=(step := _clip_step(config, clip_config))["init_params"],
         loss_fn=step["loss_fn"],
-        batch_row={
-            "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
-            "attention_mask": jax.ShapeDtypeStruct((tokens,), np.int32),
-            "pixels": jax.ShapeDtypeStruct((size, size, 3), np.float32),
-        },
+        batch_row=row,
     )
 
 
 @register_stage("clip")
 def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = None) -> Stage:
     """CLIP from scratch: init, the symmetric contrastive loss, image-text batches, hooks."""
+    _check_hard_negatives(config)
     spec, kwargs = dataset_spec(config.data)
     train_source = open_dataset(spec, "train", **kwargs)
     tokenizer = clip_tokenizer(config, train_source, workdir)
@@ -197,7 +258,7 @@ def build_clip_stage(config: ml_collections.ConfigDict, workdir: str | None = No
         }
     )
     step = _clip_step(config, clip_config)
-    transform = example_transform(tokenizer, clip_config)
+    transform = _with_hard_negatives(config, tokenizer, clip_config)
     hooks = [_export_hook(config, tokenizer, clip_config)]
     if config.eval.every > 0:
         hooks.insert(0, _retrieval_hook(config, tokenizer, clip_config))
