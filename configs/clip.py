@@ -51,7 +51,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # rarely needs position: after 1,200 steps of 64 the shapes CLIP retrieved the right
         # position for 24% of test captions (chance 20%). With 4 position-swapped negatives
         # per image, 78% (shape fell from 94% to 75%); with 1 negative of shape or position,
-        # 32% (shape 95%). README, "The demo", has the figures and the cost.
+        # 32% (shape 95%); with 2 (this), 69% (shape 89%), for ~100 s more on 2 cores
+        # (benchmarks/README.md, "decoder_oracle.py").
         c.hard_negatives.update(num=2, attributes=("shape", "position"))
     # Text -> image retrieval on the test split, every `every` steps and at the end (0: never).
     c.eval = dict(every=800, num_examples=1_080)
