@@ -352,7 +352,7 @@ def test_the_decoder_conditions_on_unit_z_i_unless_told_otherwise(clip_dir, data
 
 
 def test_z_i_norm_scales_unit_z_i_and_a_bad_norm_is_refused(clip_dir, data_dir):
-    """model.z_i_norm sets the norm unit z_i reaches the decoder at (sqrt(clip_dim) in the
+    """model.z_i_norm sets the norm unit z_i reaches the decoder at (4 sqrt(clip_dim) in the
     shapes demo, 1 elsewhere), the same direction; a norm <= 0, or one other than 1 for raw
     (non-unit) embeddings, is an error naming the key."""
     from unclip_jax.clip import load_pretrained
@@ -373,5 +373,5 @@ def test_z_i_norm_scales_unit_z_i_and_a_bad_norm_is_refused(clip_dir, data_dir):
     for bad in (dict(unit_z_i=True, z_i_norm=0.0), dict(unit_z_i=False, z_i_norm=2.0)):
         with pytest.raises(ValueError, match=r"model\.z_i_norm"):
             z_i(**bad)
-    assert config("decoder", "shapes").model.z_i_norm == pytest.approx(128**0.5)
+    assert config("decoder", "shapes").model.z_i_norm == pytest.approx(4 * 128**0.5)
     assert config("decoder", "paper").model.z_i_norm == 1.0
