@@ -28,7 +28,7 @@ from unclip_jax.clip import (
     save_pretrained,
 )
 from unclip_jax.data.pipeline import dataset_spec, open_dataset
-from unclip_jax.data.shapes import hard_negative_captions
+from unclip_jax.data.shapes import ATTRIBUTES, hard_negative_captions, make_caption
 from unclip_jax.evaluation.retrieval import text_to_image_top1
 from unclip_jax.models.clip import CLIP, ClipConfig, contrastive_loss
 from unclip_jax.models.clip import init_params as init_clip_params
@@ -170,7 +170,7 @@ def _check_hard_negatives(config: ml_collections.ConfigDict) -> None:
             f"data.dataset is {config.data.dataset!r}: set hard_negatives.num=0"
         )
     hard_negative_captions(  # checks the attributes and that num swaps exist
-        "a small red circle in the center on a gray background",
+        make_caption(dict.fromkeys(ATTRIBUTES, 0)),
         np.random.default_rng(0),
         num=num,
         attributes=tuple(config.hard_negatives.attributes),
@@ -214,10 +214,9 @@ def _clip_step(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> di
         if num:  # one pass of the text tower over the captions and their negatives
             ids = jnp.concatenate([ids, batch["negative_ids"].reshape(b * num, length)])
             mask = jnp.concatenate([mask, batch["negative_mask"].reshape(b * num, length)])
-        z_text = model.apply({"params": params}, ids, mask, method="encode_text")
-        z_i = model.apply({"params": params}, batch["pixels"], method="encode_image")
+        z_text, z_i, scale = model.apply({"params": params}, ids, mask, batch["pixels"])
         negatives = z_text[b:].reshape(b, num, -1) if num else None
-        return contrastive_loss(z_text[:b], z_i, params["logit_scale"], negatives)
+        return contrastive_loss(z_text[:b], z_i, scale, negatives)
 
     return dict(init_params=functools.partial(init_clip_params, model), loss_fn=loss_fn)
 
