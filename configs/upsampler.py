@@ -39,6 +39,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # ResBlocks condition on t by scale-shift norm (ADM's default) or, False, by adding the
         # time embedding before norm2 (Karlo's super-res U-Nets).
         scale_shift=True,
+        patch_size=1,  # U-Net on patch_size^2 pixels stacked on channels (not in the paper)
         # A second U-Net of the same shape for the last sampling step (Karlo's super_res_last,
         # imported by `unclip-jax convert karlo`; training trains one U-Net and refuses it).
         last_step_unet=False,

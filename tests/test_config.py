@@ -96,6 +96,7 @@ def test_wrong_type_is_named():
         ("sampling.steps", "abc", r"'sampling.steps' is 'abc': bad respacing"),
         ("sampling.steps", "2000", r"'sampling.steps' is '2000': cannot take 2000 steps"),
         ("model.channel_mult", "('a',)", r"'model.channel_mult' expects a tuple of int"),
+        ("model.patch_size", "0", r"'model.patch_size' is 0; it must be at least 1"),
     ],
 )
 def test_out_of_range_values_are_named(key, value, message):

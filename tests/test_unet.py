@@ -18,6 +18,8 @@ from unclip_jax.models.unet import (
     UNet,
     coordinate_grid,
     count_params,
+    depth_to_space,
+    space_to_depth,
     timestep_embedding,
     upsampler_input,
 )
@@ -410,3 +412,36 @@ def test_coordinate_channels_give_each_pixel_its_place():
     model = UNet(in_channels=3, out_channels=3, coord_channels=True, **TINY)
     params = jax.jit(model.init)(key(0), jnp.zeros((1, RES, RES, 3)), jnp.zeros((1,)))["params"]
     assert nn.meta.unbox(params)["conv_in"]["kernel"].shape == (3, 3, 5, TINY["channels"])
+
+
+def test_space_to_depth_stacks_each_patch_and_depth_to_space_inverts_it():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 12)
+    # Patch (1, 2) of image 1 holds pixels (2..3, 4..5) in (dy, dx, channel) order.
+    want = np.concatenate([x[1, 2, 4], x[1, 2, 5], x[1, 3, 4], x[1, 3, 5]])
+    np.testing.assert_array_equal(y[1, 1, 2], want)
+    np.testing.assert_array_equal(depth_to_space(y, 2), x)
+
+
+def test_a_patched_unet_maps_images_to_their_size_with_attention_at_feature_map_sizes():
+    """patch_size 2 runs the U-Net on 2x2 patches: conv_in reads 4x the channels, conv_out
+    writes 4x and they are unstacked to full size; attention_resolutions name feature maps
+    (16 px images: levels at 8 and 4 px, attention at 4)."""
+    model = UNet(in_channels=3, out_channels=6, attention_resolutions=(4,), patch_size=2, **TINY)
+    x = jax.random.normal(jax.random.key(0), (B, RES, RES, 3))
+    params = randomise_zeros(
+        nn.meta.unbox(jax.jit(model.init)(key(0), x[:1], jnp.zeros((1,)))["params"]), 1
+    )
+    assert params["conv_in"]["kernel"].shape == (3, 3, 12, TINY["channels"])
+    assert params["conv_out"]["kernel"].shape[-1] == 24
+    assert "attentions_0" in params["down_blocks_1"]
+    assert "attentions_0" not in params["down_blocks_0"]
+    out = model.apply({"params": params}, x, jnp.zeros((B,)))
+    assert out.shape == (B, RES, RES, 6)
+    # Each output pixel depends on its own input pixel (through its patch), not only on its
+    # patch's first pixel: changing pixel (5, 7) changes the output there.
+    bumped = model.apply({"params": params}, x.at[:, 5, 7].add(1.0), jnp.zeros((B,)))
+    assert float(jnp.max(jnp.abs(bumped - out)[:, 5, 7])) > 1e-4
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.apply({"params": params}, jnp.zeros((1, 18, 18, 3)), jnp.zeros((1,)))

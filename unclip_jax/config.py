@@ -203,6 +203,7 @@ POSITIVE_FIELDS: dict[str, int] = {
     "train.keep_every": 0,
     "train.preemption_check_every": 1,
     "diffusion.num_steps": 2,
+    "model.patch_size": 1,
 }
 
 

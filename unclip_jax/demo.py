@@ -57,9 +57,9 @@ class Preset:
 
 # "full" and "quick" run the `shapes` configs; "test" the `tiny` ones (seconds, for the tests).
 PRESETS: dict[str, Preset] = {
-    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 1_800, "upsampler": 300}),
+    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 3_000, "upsampler": 300}),
     "quick": Preset(
-        {"clip": 150, "prior": 100, "decoder": 120, "upsampler": 30},
+        {"clip": 150, "prior": 100, "decoder": 240, "upsampler": 30},
         train_size=10_000,
         prompts=108,
         sampling={"prior": "10", "decoder": "10", "upsampler": "5"},

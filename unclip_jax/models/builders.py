@@ -31,6 +31,7 @@ def _unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
         dropout=model["dropout"],
         num_groups=model.get("num_groups", 32),
         scale_shift=model.get("scale_shift", True),
+        patch_size=int(model.get("patch_size", 1)),
     )
 
 

@@ -52,6 +52,22 @@ def coordinate_grid(batch: int, height: int, width: int, dtype: Any = jnp.float3
     return jnp.broadcast_to(grid, (batch, height, width, 2))
 
 
+def space_to_depth(x: Array, patch: int) -> Array:
+    """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch stacked on channels, (dy, dx, c)
+    order."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // patch, w // patch, patch * patch * c)
+
+
+def depth_to_space(x: Array, patch: int) -> Array:
+    """The inverse of `space_to_depth`: (B, h, w, p*p*C) -> (B, h*p, w*p, C)."""
+    b, h, w, pc = x.shape
+    c = pc // (patch * patch)
+    x = x.reshape(b, h, w, patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * patch, w * patch, c)
+
+
 def _pin_image(x: Array) -> Array:
     return nn.with_logical_constraint(x, IMAGE_AXES)
 
@@ -373,7 +389,8 @@ class UNet(nn.Module):
     attention_resolutions (32, 16, 8), head_channels 64, resolution 64, in 3, out 6 (mean and
     the learned-range variance interpolation). An upsampler: attention_resolutions (),
     mid_attention False, in_channels 6 (see `upsampler_input`), out 3, no context; having no
-    attention it is fully convolutional and runs at any size divisible by 2**(levels - 1).
+    attention it is fully convolutional and runs at any size divisible by
+    patch_size 2**(levels - 1).
     `resolution` only turns `attention_resolutions` (pixels) into levels.
     """
 
@@ -395,6 +412,11 @@ class UNet(nn.Module):
     # convolutions otherwise only get from the zero padding at the border (CoordConv). Off in
     # the paper's and Karlo's U-Nets.
     coord_channels: bool = False
+    # The U-Net runs on patch_size x patch_size patches stacked on channels (`space_to_depth`)
+    # and unstacks its output (not in the paper): p = 2 drops the full-resolution level, most
+    # of a small U-Net's cost. `resolution` stays the image's; `attention_resolutions` name
+    # feature-map sizes (resolution / (patch_size 2^level)).
+    patch_size: int = 1
     dtype: Any = jnp.float32
     # Rematerialisation: each ResBlock and attention block recomputes its activations in the
     # backward pass instead of keeping them (less memory, about a third more compute).
@@ -420,8 +442,9 @@ class UNet(nn.Module):
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[-1]}")
         levels = len(self.channel_mult)
-        if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
-            raise ValueError(f"H and W {x.shape[1:3]} must be divisible by {2 ** (levels - 1)}")
+        factor = self.patch_size * 2 ** (levels - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"H and W {x.shape[1:3]} must be divisible by {factor}")
         dt = self.dtype
         common = dict(
             head_channels=self.head_channels,
@@ -435,7 +458,7 @@ class UNet(nn.Module):
         cond = dict(context=context, context_mask=context_mask, deterministic=deterministic)
 
         def attends(level: int) -> bool:
-            return self.resolution // 2**level in self.attention_resolutions
+            return self.resolution // (self.patch_size * 2**level) in self.attention_resolutions
 
         temb = timestep_embedding(t, self.channels).astype(dt)
         temb = TimestepEmbedding(
@@ -447,6 +470,8 @@ class UNet(nn.Module):
         x = x.astype(dt)
         if self.coord_channels:
             x = jnp.concatenate([x, coordinate_grid(x.shape[0], x.shape[1], x.shape[2], dt)], -1)
+        if self.patch_size > 1:
+            x = space_to_depth(x, self.patch_size)
         h = _conv(self.channels, name="conv_in", dtype=dt)(_pin_image(x))
         skips = [h]
         for i, mult in enumerate(self.channel_mult):
@@ -479,7 +504,10 @@ class UNet(nn.Module):
         assert not skips
 
         h = _group_norm(self.num_groups, self.norm_eps, name="conv_norm_out", dtype=dt)(h)
-        h = _conv(self.out_channels, name="conv_out", dtype=dt, zero_init=True)(nn.silu(h))
+        p2 = self.patch_size**2
+        h = _conv(self.out_channels * p2, name="conv_out", dtype=dt, zero_init=True)(nn.silu(h))
+        if self.patch_size > 1:
+            h = depth_to_space(h, self.patch_size)
         return _pin_image(h)
 
 

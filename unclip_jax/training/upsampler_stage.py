@@ -56,12 +56,13 @@ def upsampler_scale(config: ml_collections.ConfigDict) -> int:
             "the low resolution"
         )
     levels = len(model.channel_mult)
-    multiple = math.lcm(scale, 2 ** (levels - 1))
+    down = model.get("patch_size", 1) * 2 ** (levels - 1)
+    multiple = math.lcm(scale, down)
     if config.train_crop % multiple or config.train_crop > model.resolution:
         raise ConfigError(
             f"config key 'train_crop' is {config.train_crop}: it must be at most "
             f"model.resolution ({model.resolution}) and a multiple of {multiple} (of the scale "
-            f"{scale}, and of the U-Net's down-sampling 2**{levels - 1})"
+            f"{scale}, and of the U-Net's down-sampling patch_size 2**{levels - 1} = {down})"
         )
     if config.data.get("resolution", model.resolution) != model.resolution:
         raise ConfigError(
