@@ -97,6 +97,7 @@ def test_wrong_type_is_named():
         ("sampling.steps", "2000", r"'sampling.steps' is '2000': cannot take 2000 steps"),
         ("model.channel_mult", "('a',)", r"'model.channel_mult' expects a tuple of int"),
         ("model.patch_size", "0", r"'model.patch_size' is 0; it must be at least 1"),
+        ("diffusion.timestep_power", "0", r"'diffusion.timestep_power' is 0.0; it must be > 0"),
     ],
 )
 def test_out_of_range_values_are_named(key, value, message):

@@ -9,6 +9,8 @@ import pytest
 from scipy.stats import norm
 
 from unclip_jax import diffusion as D
+from unclip_jax.config import diffusion_block
+from unclip_jax.training.denoising import denoising_loss, timesteps_for_training
 
 SCHED = D.make_schedule("cosine", 1000)
 
@@ -166,3 +168,34 @@ def test_timestep_bucket_means_average_per_quarter_and_mark_empty_ones():
     got = np.asarray(D.timestep_bucket_means(values, t, num_steps=1000, num_buckets=4))
     np.testing.assert_allclose(got[:3], [2.0, 5.0, 8.0])
     assert np.isnan(got[3])
+
+
+def test_training_timesteps_are_uniform_at_power_1_and_lean_to_high_noise_below_it():
+    """t = floor(N u^p): all of 0..N-1 reachable, E[t/N] ~ 1/(1+p) (1/2 uniform, 2/3 at p=1/2)."""
+    n, b = 1000, 200_000
+    for power, mean in ((1.0, 0.5), (0.5, 2 / 3)):
+        t = np.asarray(timesteps_for_training(jax.random.key(0), b, n, power))
+        assert t.dtype == np.int32 and t.min() >= 0 and t.max() == n - 1
+        # The standard error of the mean of t/N is below 1e-3 at this b.
+        assert abs(t.mean() / n - mean) < 5e-3, (power, t.mean() / n)
+    high = np.asarray(timesteps_for_training(jax.random.key(1), b, n, 0.5)) >= 750
+    assert abs(high.mean() - (1 - 0.75**2)) < 5e-3  # P(u^0.5 >= 0.75) = 1 - 0.75^2
+    with pytest.raises(ValueError, match="timestep_power"):
+        timesteps_for_training(jax.random.key(0), 4, n, 0.0)
+
+
+def test_the_denoising_loss_draws_its_timesteps_with_the_configs_power():
+    seen = []
+
+    def apply(x_t, t):
+        seen.append(np.asarray(t))
+        return jnp.zeros_like(x_t)
+
+    x0 = jnp.zeros((256, 2, 2, 3))
+    denoising_loss(apply, x0, jax.random.key(0), sched=SCHED, diffusion=diffusion_block())
+    denoising_loss(
+        apply, x0, jax.random.key(0), sched=SCHED, diffusion=diffusion_block(timestep_power=0.01)
+    )
+    uniform, high = seen
+    assert uniform.min() < 100 and uniform.max() > 900
+    assert high.min() >= 900  # u^0.01 >= 0.9 unless u < 0.9^100 ~ 3e-5

@@ -247,6 +247,11 @@ def validate_config(config: ConfigDict) -> None:
             f"config has no train.{missing[0]} (every stage needs train.{{{', '.join(SHARED_TRAIN_FIELDS)}}})"
         )
     if "diffusion" in config:
+        power = config.diffusion.get("timestep_power", 1.0)
+        if not power > 0:
+            raise ConfigError(
+                f"config key 'diffusion.timestep_power' is {power!r}; it must be > 0 (1: uniform t)"
+            )
         loss, variance = config.diffusion.get("loss"), config.diffusion.get("variance")
         if (loss == "hybrid") != (variance == "learned_range"):
             raise ConfigError(
@@ -425,10 +430,13 @@ def diffusion_block(
     variance: str = "fixed_small",
     loss: str = "mse",
     vlb_weight: float = 0.001,
+    timestep_power: float = 1.0,
 ) -> dict[str, Any]:
     """`diffusion.*`: the forward process and what the model predicts (see unclip_jax.diffusion).
 
     loss 'hybrid' is L_simple + vlb_weight * L_vlb and needs variance 'learned_range'.
+    timestep_power p draws training timesteps t = floor(N u^p), u ~ U[0, 1): 1 is the paper's
+    uniform t, p < 1 puts more of the steps at high noise (density of t/N: (1/p) s^(1/p - 1)).
     """
     return dict(
         schedule=schedule,
@@ -437,6 +445,7 @@ def diffusion_block(
         variance=variance,
         loss=loss,
         vlb_weight=vlb_weight,
+        timestep_power=timestep_power,
     )
 
 

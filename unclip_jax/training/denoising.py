@@ -13,6 +13,22 @@ from unclip_jax import diffusion as D
 Array = jax.Array
 
 
+def timesteps_for_training(rng: Array, batch: int, num_steps: int, power: float = 1.0) -> Array:
+    """(batch,) int32 training timesteps t = floor(N u^power), u ~ U[0, 1).
+
+    power 1 is uniform on {0, ..., N-1} (the paper); power < 1 draws more of them near N (high
+    noise), where a conditional model decides its sample's layout and shape. With power != 1
+    the hybrid loss's N L_t no longer estimates the VLB without bias (it only trains the
+    variance, at weight 1e-3).
+    """
+    if power <= 0:
+        raise ValueError(f"diffusion.timestep_power must be > 0, got {power}")
+    if power == 1.0:
+        return jax.random.randint(rng, (batch,), 0, num_steps)
+    u = jax.random.uniform(rng, (batch,))
+    return jnp.minimum(jnp.floor(num_steps * u**power), num_steps - 1).astype(jnp.int32)
+
+
 def denoising_loss(
     apply: Callable[[Array, Array], Array],
     x0: Array,
@@ -23,7 +39,8 @@ def denoising_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """(mean loss, metrics) of the model `apply(x_t, t) -> output` on clean data x0.
 
-    t ~ U{0, ..., N-1} and eps ~ N(0, I) per example, x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
+    t = floor(N u^p), u ~ U[0, 1) (p = `diffusion.timestep_power`; 1 is t ~ U{0, ..., N-1}) and
+    eps ~ N(0, I) per example, x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
     and the loss is `diffusion.loss` ('mse' or 'hybrid' = L_simple + vlb_weight N L_t) of the
     output against `diffusion.prediction`'s target. Metrics: the mean MSE, the VLB term in
     bits/dim (hybrid), and the loss in 4 timestep quartiles (`loss_by_t/0..3`).
@@ -31,7 +48,7 @@ def denoising_loss(
     t_key, noise_key = jax.random.split(rng)
     b = x0.shape[0]
     x0 = x0.astype(jnp.float32)
-    t = jax.random.randint(t_key, (b,), 0, sched.num_steps)
+    t = timesteps_for_training(t_key, b, sched.num_steps, diffusion.get("timestep_power", 1.0))
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
     output = apply(x_t, t).astype(jnp.float32)
