@@ -344,3 +344,22 @@ def test_bfloat16_compute_runs_the_matmuls_in_bfloat16_and_keeps_float32_params(
     final = _train(tmp_path, steps=2, compute_dtype="bfloat16")
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(final.params))
     assert np.isfinite(read_metrics(tmp_path)[-1]["loss"])
+
+
+def test_a_key_newer_than_a_checkpoint_resumes_at_the_value_its_absence_means():
+    """A run saved before `diffusion.timestep_power` existed resumes under a config that sets
+    it to 1 (uniform t, what the old run trained with), and not under another value."""
+    from unclip_jax.training.loop import compare_configs
+
+    saved = {"diffusion": {"schedule": "cosine"}, "model": {"channels": 32}}
+    current = {
+        "diffusion": {"schedule": "cosine", "timestep_power": 1.0},
+        "model": {"channels": 32, "patch_size": 1},
+    }
+    assert compare_configs(saved, current) == ([], [])
+    current["diffusion"]["timestep_power"] = 0.5
+    current["model"]["patch_size"] = 2
+    assert compare_configs(saved, current) == (
+        ["diffusion.timestep_power: 'absent' -> 0.5", "model.patch_size: 'absent' -> 2"],
+        [],
+    )

@@ -77,12 +77,26 @@ MUST_MATCH = ("stage", "model", "diffusion", "kind", "embedding")
 SHOULD_MATCH = ("train.batch_size", "train.seed", "train.steps", "optim", "clip")
 
 
+# Keys newer than the configs some checkpoints were written with, and what their absence
+# means (the builders and the loss read them with the same default): a run saved before the key
+# existed resumes under a config that sets it to that value.
+ABSENT_MEANS: dict[str, Any] = {
+    "diffusion.timestep_power": 1.0,
+    "model.patch_size": 1,
+    "model.coord_channels": False,
+}
+
+
 def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(keys that must match but differ, keys that should match but differ), as 'k: a -> b'."""
+    """(keys that must match but differ, keys that should match but differ), as 'k: a -> b'.
+
+    A key one config lacks counts as its `ABSENT_MEANS` value, if it has one."""
     a, b = flatten_config(saved), flatten_config(current)
     must, should = [], []
+    missing = object()
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key):
+        default = ABSENT_MEANS.get(key, missing)
+        if a.get(key, default) == b.get(key, default):
             continue
         line = f"{key}: {a.get(key, 'absent')!r} -> {b.get(key, 'absent')!r}"
         if any(key == p or key.startswith(p + ".") for p in MUST_MATCH):
