@@ -174,6 +174,16 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
     return value
 
 
+# Keys newer than the configs some checkpoints were written with, and what their absence
+# means (the builders, the loss and validate_config read their defaults here): a run saved before the key
+# existed resumes under a config that sets it to that value.
+ABSENT_MEANS: dict[str, Any] = {
+    "diffusion.timestep_power": 1.0,
+    "model.patch_size": 1,
+    "model.coord_channels": False,
+}
+
+
 # Fields with a closed set of values, wherever a config has them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("cosine", "linear"),
@@ -247,7 +257,7 @@ def validate_config(config: ConfigDict) -> None:
             f"config has no train.{missing[0]} (every stage needs train.{{{', '.join(SHARED_TRAIN_FIELDS)}}})"
         )
     if "diffusion" in config:
-        power = config.diffusion.get("timestep_power", 1.0)
+        power = config.diffusion.get("timestep_power", ABSENT_MEANS["diffusion.timestep_power"])
         if not power > 0:
             raise ConfigError(
                 f"config key 'diffusion.timestep_power' is {power!r}; it must be > 0 (1: uniform t)"

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.config import CHOICES
+from unclip_jax.config import ABSENT_MEANS, CHOICES
 from unclip_jax.models.clip import TextConfig, TextTransformer
 from unclip_jax.models.prior import AutoregressivePrior, DiffusionPrior
 from unclip_jax.models.unet import Decoder, DecoderConditioning, LastStepUNets, UNet
@@ -31,7 +31,7 @@ def _unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
         dropout=model["dropout"],
         num_groups=model.get("num_groups", 32),
         scale_shift=model.get("scale_shift", True),
-        patch_size=int(model.get("patch_size", 1)),
+        patch_size=int(model.get("patch_size", ABSENT_MEANS["model.patch_size"])),
     )
 
 
@@ -81,7 +81,7 @@ def decoder_from_config(
             head_channels=model["head_channels"],
             resolution=model["resolution"],
             # A key newer than some saved configs: absent means the U-Net without it.
-            coord_channels=bool(model.get("coord_channels", False)),
+            coord_channels=bool(model.get("coord_channels", ABSENT_MEANS["model.coord_channels"])),
             dtype=dtype,
             remat=remat,
             **_unet_fields(model),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax import diffusion as D
+from unclip_jax.config import ABSENT_MEANS
 
 Array = jax.Array
 
@@ -48,7 +49,8 @@ def denoising_loss(
     t_key, noise_key = jax.random.split(rng)
     b = x0.shape[0]
     x0 = x0.astype(jnp.float32)
-    t = timesteps_for_training(t_key, b, sched.num_steps, diffusion.get("timestep_power", 1.0))
+    power = diffusion.get("timestep_power", ABSENT_MEANS["diffusion.timestep_power"])
+    t = timesteps_for_training(t_key, b, sched.num_steps, power)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
     output = apply(x_t, t).astype(jnp.float32)

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from unclip_jax.config import flatten_config
+from unclip_jax.config import ABSENT_MEANS, flatten_config
 from unclip_jax.parallel import (
     LOGICAL_AXIS_RULES,
     batch_sharding,
@@ -75,16 +75,6 @@ class CheckpointMismatchError(ValueError):
 # model), and keys whose change is allowed on resume but breaks bitwise continuation.
 MUST_MATCH = ("stage", "model", "diffusion", "kind", "embedding")
 SHOULD_MATCH = ("train.batch_size", "train.seed", "train.steps", "optim", "clip")
-
-
-# Keys newer than the configs some checkpoints were written with, and what their absence
-# means (the builders and the loss read them with the same default): a run saved before the key
-# existed resumes under a config that sets it to that value.
-ABSENT_MEANS: dict[str, Any] = {
-    "diffusion.timestep_power": 1.0,
-    "model.patch_size": 1,
-    "model.coord_channels": False,
-}
 
 
 def compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
