@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -329,3 +330,13 @@ def _files(built) -> list[str]:
 
 def _mtime(path: str) -> int:
     return os.stat(path).st_mtime_ns
+
+
+def test_build_leaves_no_temp_folder(tmp_path, monkeypatch):
+    # tfds' builder made an empty mkdtemp("tfds") folder per first build (looking for
+    # metadata on GCS) and never removed it: a build must leave the temp folder as it was.
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    shapes.load_shapes(32, "test", data_dir=str(tmp_path / "data"), train_size=6, test_size=5)
+    assert sorted(p.name for p in temp.iterdir()) == []

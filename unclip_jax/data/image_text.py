@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from unclip_jax.data.images import resize_shorter_side_and_center_crop, to_rgb_array
+from unclip_jax.data.local_info import LocalDatasetInfo
 from unclip_jax.data.sources import SourceError, detect_format, iter_source
 
 log = logging.getLogger("unclip_jax.data")
@@ -48,7 +49,7 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="Captioned images, shorter side resized and centre-cropped.",
             features=tfds.features.FeaturesDict(

@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from unclip_jax.data.images import to_rgb_array
+from unclip_jax.data.local_info import LocalDatasetInfo
 
 RGB = tuple[int, int, int]
 
@@ -381,7 +382,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         labels = {
             attr: tfds.features.ClassLabel(names=list(LABEL_NAMES[attr])) for attr in ATTRIBUTES
         }
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict(
