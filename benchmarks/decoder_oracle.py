@@ -10,7 +10,10 @@ demo's seen-pair rate cannot exceed it. Prints one JSON line of accuracies.
         --data-dir DEMO/data [--num 96] [--set guidance_scale=5 --set steps=50 ...]
 
 `--set` changes one decoder sampling setting (config.sampling keys); the default sampler is
-the demo's (DDIM, 25 steps).
+the demo's (DDIM, 25 steps). `--ablate` asks which conditioning the decoder reads: `caption`
+decodes from z_i alone, `z_i` from the caption alone (z_i replaced by the learned null
+embedding, as guidance training drops it), `shuffle_z_i` gives each prompt another test
+image's z_i (fixed permutation), so the scores say what the caption alone still steers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from unclip_jax.data.pipeline import open_dataset
 from unclip_jax.data.shapes import NUM_COMBINATIONS, is_held_out
 from unclip_jax.evaluation.shapes_reader import attribute_accuracy
 from unclip_jax.sampling.cascade import Cascade, PipelineSpec, parse_settings
+
+ABLATIONS = ("none", "caption", "z_i", "shuffle_z_i")
 
 
 def seen_examples(data_dir: str, resolution: int, num: int) -> list[dict]:
@@ -47,6 +52,12 @@ def main() -> None:
     p.add_argument("--num", type=int, default=96, help="test combinations sampled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--ablate",
+        choices=ABLATIONS,
+        default="none",
+        help="drop or scramble one conditioning input (see the module docstring)",
+    )
     args = p.parse_args()
     settings = {"decoder": {"method": "ddim", "steps": "25"}}
     settings["decoder"].update(
@@ -59,11 +70,20 @@ def main() -> None:
     z_i = cascade.image_embeddings(cascade.put(inputs["clip_pixels"]))
     tokens = cascade.put(cascade.tokenize([str(e["caption"]) for e in examples]))
     keys = jax.random.split(jax.random.key(args.seed), len(examples))
-    images = np.asarray(cascade.decode(cascade.decoder_cond(z_i, tokens), keys))
+    rows = len(examples)
+    if args.ablate == "shuffle_z_i":
+        # A permutation without fixed points: every prompt gets another image's z_i.
+        order = np.random.default_rng(args.seed).permutation(rows)
+        z_i = z_i[np.roll(order, 1)[np.argsort(order)]]
+    drop = {"caption": "drop_text", "z_i": "drop_image"}.get(args.ablate)
+    dropped = {drop: cascade.put(np.ones(rows, bool))} if drop else {}
+    cond = cascade.decoder_cond(z_i, tokens, **dropped)
+    images = np.asarray(cascade.decode(cond, keys))
     scores = attribute_accuracy([to_uint8(im) for im in images], [e["labels"] for e in examples])
     result = {k: round(v, 3) for k, v in scores.items()}
     result.update(
         num=len(examples),
+        ablate=args.ablate,
         settings=cascade.settings["decoder"],
         step=cascade.decoder_weights.step,
         seconds=round(time.perf_counter() - start, 1),

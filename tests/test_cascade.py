@@ -125,6 +125,26 @@ def _decode(cascade, prompts, z_i, seed=0):
     return np.asarray(cascade.decode(cascade.decoder_cond(cascade.put(z_i), tokens), keys))
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_rows_with_z_i_dropped_are_drawn_from_the_caption_alone(cascade, scale):
+    """`drop_image` rows (the decoder's caption-only path) ignore z_i, guided or not; the
+    other rows of the same batch still read it."""
+    rng = np.random.default_rng(0)
+    prompts = ["a red circle", "a blue square"]
+    tokens = cascade.put(cascade.tokenize(prompts))
+    keys = image_keys(0, cascade.put(np.zeros((2, 2), np.int32)))
+    drop = cascade.put(np.array([True, False]))
+
+    def decode(z_i):
+        cond = cascade.decoder_cond(cascade.put(z_i), tokens, drop_image=drop)
+        return np.asarray(cascade.decode(cond, keys, guidance_scale=scale))
+
+    a, b = (rng.normal(size=(2, 16)).astype(np.float32) for _ in range(2))
+    out_a, out_b = decode(a), decode(b)
+    np.testing.assert_allclose(out_a[0], out_b[0], atol=1e-5)
+    assert np.abs(out_a[1] - out_b[1]).mean() > 1e-3
+
+
 def test_guidance_scales_reach_the_decoder_and_the_prior(pipeline):
     rng = np.random.default_rng(0)
     z_i = rng.normal(size=(2, 16)).astype(np.float32)

@@ -564,9 +564,15 @@ class Cascade:
             return self._ar_sample(self.prior_params, self.codec, inputs, keys)
 
     def decoder_cond(
-        self, z_i: Array, tokens: Mapping[str, Array], drop_text: Array | None = None
+        self,
+        z_i: Array,
+        tokens: Mapping[str, Array],
+        drop_text: Array | None = None,
+        drop_image: Array | None = None,
     ) -> dict[str, Array]:
-        """The decoder's conditioning: z_i (in CLIP's space) and the caption."""
+        """The decoder's conditioning: z_i (in CLIP's space) and the caption; `drop_text` /
+        `drop_image` (bool, one per row) condition those rows on z_i alone / the caption
+        alone, as guidance training dropped them."""
         batch = {
             "z_i": z_i,
             "input_ids": tokens["decoder_ids"],
@@ -576,6 +582,8 @@ class Cascade:
             cond = self._decoder_encode(self.clip_params, batch)
         if drop_text is not None:
             cond["drop_text"] = drop_text
+        if drop_image is not None:
+            cond["drop_image"] = drop_image
         return cond
 
     def decode(

@@ -143,7 +143,9 @@ def _decoder_model_fn(
     """The decoder as the samplers' `model_fn(x, t)` on `cond`, guided when scale != 1.
 
     `cond` may hold a per-row `drop_text` (bool): those rows are conditioned on z_i alone
-    (image variations, inversion). With guidance the unconditional half has z_i replaced by
+    (image variations, inversion); and a per-row `drop_image`: those rows are conditioned on
+    the caption alone, z_i replaced by the learned null embedding (what the decoder draws
+    from the caption, e.g. `benchmarks/decoder_oracle.py --ablate z_i`). With guidance the unconditional half has z_i replaced by
     the learned null embedding and the caption dropped, as guidance training dropped them.
     When `cond` holds `uncond` (the caption keys of one row, e.g. the empty caption's
     encoding: Karlo's way), that caption stands for "no caption" instead of dropping it: in
@@ -153,6 +155,9 @@ def _decoder_model_fn(
     cond = dict(cond)
     batch = cond["z_i"].shape[0]
     drop_text = cond.pop("drop_text", None)
+    drop_image = cond.pop("drop_image", None)
+    if drop_image is None:
+        drop_image = jnp.zeros((batch,), bool)
     uncond = cond.pop("uncond", None)
     if uncond is not None:
         uncond = broadcast_rows(dict(uncond), batch)
@@ -177,9 +182,9 @@ def _decoder_model_fn(
 
     if drop_text is None:
         drop_text = jnp.zeros((batch,), bool)
+    kept = {**cond, "drop_image": drop_image, "drop_text": drop_text}
     if scale == 1.0:
-        return lambda x, t: apply(x, t, {**cond, "drop_text": drop_text})
-    kept = {**cond, "drop_image": jnp.zeros((batch,), bool), "drop_text": drop_text}
+        return lambda x, t: apply(x, t, kept)
     dropped = {
         **cond,
         "drop_image": jnp.ones((batch,), bool),
