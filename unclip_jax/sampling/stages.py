@@ -145,8 +145,9 @@ def _decoder_model_fn(
     `cond` may hold a per-row `drop_text` (bool): those rows are conditioned on z_i alone
     (image variations, inversion); and a per-row `drop_image`: those rows are conditioned on
     the caption alone, z_i replaced by the learned null embedding (what the decoder draws
-    from the caption, e.g. `benchmarks/decoder_oracle.py --ablate z_i`). With guidance the unconditional half has z_i replaced by
-    the learned null embedding and the caption dropped, as guidance training dropped them.
+    from the caption, e.g. `benchmarks/decoder_oracle.py --ablate z_i`). With guidance the
+    unconditional half has z_i replaced by the learned null embedding and the caption
+    dropped, as guidance training dropped them.
     When `cond` holds `uncond` (the caption keys of one row, e.g. the empty caption's
     encoding: Karlo's way), that caption stands for "no caption" instead of dropping it: in
     every row of the unconditional half and in the `drop_text` rows (as Karlo's variation
