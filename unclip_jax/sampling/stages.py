@@ -156,9 +156,7 @@ def _decoder_model_fn(
     cond = dict(cond)
     batch = cond["z_i"].shape[0]
     drop_text = cond.pop("drop_text", None)
-    drop_image = cond.pop("drop_image", None)
-    if drop_image is None:
-        drop_image = jnp.zeros((batch,), bool)
+    drop_image = cond.pop("drop_image", jnp.zeros((batch,), bool))
     uncond = cond.pop("uncond", None)
     if uncond is not None:
         uncond = broadcast_rows(dict(uncond), batch)
