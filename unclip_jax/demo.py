@@ -61,7 +61,7 @@ class Preset:
 # seen pairs from all five 0.247 to 0.302 (shape 0.48 -> 0.53, position 0.55 -> 0.61) for
 # 150 s more, 25:28 in all on an idle 2-core machine.
 PRESETS: dict[str, Preset] = {
-    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 4_000, "upsampler": 300}),
+    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 8_000, "upsampler": 300}),
     "quick": Preset(
         {"clip": 150, "prior": 100, "decoder": 240, "upsampler": 30},
         train_size=10_000,
