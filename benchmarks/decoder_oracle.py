@@ -3,8 +3,9 @@
 Samples a trained shapes decoder on test combinations whose (colour, shape) pair was seen in
 training, conditioned on each test image's own CLIP embedding and caption (no prior), and
 reads the five attributes back by plain image analysis (`evaluation.shapes_reader`) at the
-decoder's resolution. This separates the decoder's limits from the prior's and CLIP's: the
-demo's seen-pair rate cannot exceed it. Prints one JSON line of accuracies.
+decoder's resolution (and shape by the prompt's size and shape). This separates the decoder's
+limits from the prior's and CLIP's: the demo's seen-pair rate cannot exceed it. Prints one
+JSON line of accuracies.
 
     python benchmarks/decoder_oracle.py --decoder DEMO/decoder --clip DEMO/clip/clip \
         --data-dir DEMO/data [--num 96] [--set guidance_scale=5 --set steps=50 ...]
@@ -14,6 +15,10 @@ the demo's (DDIM, 25 steps). `--ablate` asks which conditioning the decoder read
 decodes from z_i alone, `z_i` from the caption alone (z_i replaced by the learned null
 embedding, as guidance training drops it), `shuffle_z_i` gives each prompt another test
 image's z_i (fixed permutation), so the scores say what the caption alone still steers.
+`--x0-at T` reads, instead of samples, the decoder's one-step x0 estimate from the test images
+themselves noised to training timestep T (guided as the sampler is; `Cascade.predict_x0`),
+and `--x0-at T --noisy` the noised image x_t / sqrt(abar_t) itself (no model): where in t the
+decoder's drawing goes wrong, and whether it denoises better than the noisy input reads.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import time
 import jax
 import numpy as np
 
+from unclip_jax import diffusion as D
 from unclip_jax.data.images import to_uint8
 from unclip_jax.data.pipeline import open_dataset
-from unclip_jax.data.shapes import NUM_COMBINATIONS, is_held_out
-from unclip_jax.evaluation.shapes_reader import attribute_accuracy
+from unclip_jax.data.shapes import NUM_COMBINATIONS, SHAPES, SIZES, is_held_out
+from unclip_jax.evaluation.shapes_reader import attribute_accuracy, read_shapes_image
 from unclip_jax.sampling.cascade import Cascade, PipelineSpec, parse_settings
 
 ABLATIONS = ("none", "caption", "z_i", "shuffle_z_i")
@@ -41,6 +47,25 @@ def seen_examples(data_dir: str, resolution: int, num: int) -> list[dict]:
     seen = [i for i in range(NUM_COMBINATIONS) if not is_held_out(test[i]["labels"])]
     picked = np.linspace(0, len(seen) - 1, num).round().astype(int)
     return [test[seen[j]] for j in picked]
+
+
+def shape_by_kind(images: list[np.ndarray], labels: list[dict]) -> dict[str, float]:
+    """Shape read right, by the prompt's size and shape ("small square": ...): where the
+    decoder's drawing fails (small squares and triangles drawn as blobs read as circles)."""
+    right: dict[str, list[bool]] = {}
+    for image, label in zip(images, labels, strict=True):
+        kind = f"{list(SIZES)[label['size']]} {SHAPES[label['shape']]}"
+        right.setdefault(kind, []).append(read_shapes_image(image)["shape"] == label["shape"])
+    return {kind: round(float(np.mean(hits)), 2) for kind, hits in sorted(right.items())}
+
+
+def noised(cascade: Cascade, x0: jax.Array, t: np.ndarray, keys: jax.Array) -> jax.Array:
+    """x_t / sqrt(abar_t) for x0 noised to t with the noise `Cascade.predict_x0` draws from
+    the same keys: what the decoder's x0 estimate is given, on x0's scale."""
+    diffusion = cascade.decoder_weights.config.diffusion
+    sched = D.make_schedule(diffusion.schedule, diffusion.num_steps)
+    x_t = D.q_sample(x0=x0, t=t, noise=D.row_normal(keys, x0.shape), sched=sched)
+    return x_t / np.sqrt(np.asarray(sched.alphas_cumprod)[t])[:, None, None, None]
 
 
 def main() -> None:
@@ -58,7 +83,21 @@ def main() -> None:
         default="none",
         help="drop or scramble one conditioning input (see the module docstring)",
     )
+    p.add_argument(
+        "--x0-at",
+        type=int,
+        default=None,
+        metavar="T",
+        help="read the decoder's x0 estimate from the test images noised to timestep T",
+    )
+    p.add_argument(
+        "--noisy",
+        action="store_true",
+        help="with --x0-at: read x_T / sqrt(abar_T), the noised images themselves",
+    )
     args = p.parse_args()
+    if args.noisy and args.x0_at is None:
+        p.error("--noisy reads the images noised by --x0-at T: give --x0-at")
     settings = {"decoder": {"method": "ddim", "steps": "25"}}
     settings["decoder"].update(
         parse_settings([f"decoder.{s}" for s in args.set]).get("decoder", {})
@@ -78,12 +117,25 @@ def main() -> None:
     drop = {"caption": "drop_text", "z_i": "drop_image"}.get(args.ablate)
     dropped = {drop: cascade.put(np.ones(rows, bool))} if drop else {}
     cond = cascade.decoder_cond(z_i, tokens, **dropped)
-    images = np.asarray(cascade.decode(cond, keys))
-    scores = attribute_accuracy([to_uint8(im) for im in images], [e["labels"] for e in examples])
+    if args.x0_at is None:
+        images = np.asarray(cascade.decode(cond, keys))
+    else:
+        t = np.full(rows, args.x0_at, np.int32)
+        x0 = cascade.put(inputs["x0"])
+        if args.noisy:
+            images = np.asarray(noised(cascade, x0, t, keys))
+        else:
+            images = np.asarray(cascade.predict_x0(cond, x0, cascade.put(t), keys))
+    pictures = [to_uint8(im) for im in images]
+    labels = [e["labels"] for e in examples]
+    scores = attribute_accuracy(pictures, labels)
     result = {k: round(v, 3) for k, v in scores.items()}
     result.update(
+        shape_by_kind=shape_by_kind(pictures, labels),
         num=len(examples),
         ablate=args.ablate,
+        x0_at=args.x0_at,
+        noisy=args.noisy,
         settings=cascade.settings["decoder"],
         step=cascade.decoder_weights.step,
         seconds=round(time.perf_counter() - start, 1),

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from cascade_fixture import write_random_cascade
@@ -199,6 +200,30 @@ def test_inversion_then_eta_0_decoding_reconstructs_the_image(cascade):
     # ...while the other image's x_T decodes far from it: x_T carries the image.
     swapped = M.Inverted(z_i=inverted.z_i, x_T=inverted.x_T[::-1], x0=inverted.x0)
     assert np.abs(M.reconstruct(cascade, swapped) - inverted.x0).mean() > 0.1
+
+
+def test_x0_estimate_is_the_image_at_low_noise_and_not_at_high(cascade):
+    images = [np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8) for i in (0, 1)]
+    inputs = cascade.put(cascade.image_inputs(images))
+    x0, z_i = inputs["x0"], cascade.image_embeddings(inputs["clip_pixels"])
+    cond = cascade.decoder_cond(z_i, cascade.put(cascade.tokenize(PROMPTS[:2])))
+    keys = jax.random.split(jax.random.key(0), 2)
+
+    def estimate(t, c=cond):
+        return np.asarray(cascade.predict_x0(c, x0, cascade.put(np.full(2, t, np.int32)), keys))
+
+    low, high = estimate(0), estimate(999)
+    assert low.shape == high.shape == (2, 16, 16, 3)
+    # At t = 0 x_t is x0 plus noise of s.d. sqrt(1 - abar_0) ~ 6e-3, and the estimate removes
+    # about that much whatever the (random) model predicts: within a few uint8 levels of x0.
+    assert np.abs(low - np.asarray(x0)).max() < 0.1
+    # At t = 999 (abar ~ 2e-9) nothing of x0 is left to read: a random model's estimate is not it.
+    assert np.abs(high - np.asarray(x0)).mean() > 0.1
+    np.testing.assert_array_equal(estimate(0), low)  # the noise comes from the keys alone
+    # It is the decoder's estimate on its conditioning, not x_t rescaled: the other image's
+    # z_i moves it (by ~2e-4 in this random tiny decoder; the same inputs give the same bits).
+    swapped = cascade.decoder_cond(z_i[::-1], cascade.put(cascade.tokenize(PROMPTS[:2])))
+    assert np.abs(estimate(500, swapped) - estimate(500)).max() > 2e-5
 
 
 def test_interpolation_and_text_diff_strips_have_the_asked_length(cascade, tmp_path):

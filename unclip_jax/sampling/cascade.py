@@ -72,6 +72,7 @@ from unclip_jax.sampling.stages import (
     decoder_conditioning,
     decoder_inverter,
     decoder_sampler,
+    decoder_x0_predictor,
     inversion_sampling,
     prior_sampler,
     prior_text_conditioning,
@@ -407,6 +408,7 @@ class Cascade:
             )
         )
         self._decoders: dict[str, Any] = {}  # samplers by their settings (`decode`)
+        self._x0_predictor: Any = None  # `predict_x0`, built on first use
         exact = inversion_sampling(self.settings["decoder"], c.diffusion.num_steps)
         self._invert = decoder_inverter(
             self.decoder,
@@ -615,6 +617,17 @@ class Cascade:
         cond = self._with_uncond(cond, settings)
         with self.context():
             return self._decoders[name](self.decoder_params, cond, keys, x_T)
+
+    def predict_x0(self, cond: Mapping[str, Array], x0: Array, t: Array, keys: Array) -> Array:
+        """The decoder's one-step x0 estimate (guided as its sampler is) from decoder-resolution
+        images x0 in [-1, 1] noised to training timesteps t (B,), one noise key per row."""
+        if self._x0_predictor is None:
+            self._x0_predictor = decoder_x0_predictor(
+                self.decoder, self.decoder_weights.config.diffusion, self.settings["decoder"]
+            )
+        cond = self._with_uncond(cond, self.settings["decoder"])
+        with self.context():
+            return self._x0_predictor(self.decoder_params, cond, x0, t, keys)
 
     def invert(self, cond: Mapping[str, Array], x0: Array) -> Array:
         """DDIM inversion x0 -> x_T of decoder-resolution images in [-1, 1] on `cond`."""

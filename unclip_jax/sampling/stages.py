@@ -263,6 +263,35 @@ def decoder_inverter(
     return fn
 
 
+def decoder_x0_predictor(
+    decoder: Decoder, diffusion: Mapping[str, Any], sampling: Mapping[str, Any]
+) -> Callable[[Any, Mapping[str, Array], Array, Array, Array], Array]:
+    """`fn(params, cond, x0, t, key) -> x0_hat`: images x0 (B, H, W, 3) in [-1, 1] noised to
+    training timestep t (B,) int, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with eps from
+    `key` (one key or one per row), and the decoder's one-step estimate of x0 from x_t on `cond` (as
+    `decoder_sampler` takes it, guided with `sampling.guidance_scale` the same way).
+
+    What the decoder makes of a real image at one noise level, without the sampler's other
+    steps: where in t a sample's shape or place goes wrong (`benchmarks/decoder_oracle.py
+    --x0-at`)."""
+    scale = float(sampling["guidance_scale"])
+    sched = D.make_schedule(diffusion["schedule"], diffusion["num_steps"])
+
+    @jax.jit
+    def fn(params: Any, cond: Mapping[str, Array], x0: Array, t: Array, key: Array) -> Array:
+        x0 = x0.astype(jnp.float32)
+        x_t = D.q_sample(x0=x0, t=t, noise=D.row_normal(key, x0.shape), sched=sched)
+        model_fn = _decoder_model_fn(
+            decoder, params, cond, scale=scale, variance=diffusion["variance"]
+        )
+        pred, _ = D.split_output(model_fn(x_t, t), variance=diffusion["variance"])
+        return D.predict_x0(
+            prediction=diffusion["prediction"], pred=pred, x_t=x_t, t=t, sched=sched
+        )
+
+    return fn
+
+
 def inversion_sampling(sampling: Mapping[str, Any], num_steps: int | None = None) -> dict[str, Any]:
     """`sampling` made deterministic and invertible: DDIM, eta 0, no x0 clipping or
     thresholding (the decode that maps a DDIM inversion back to its image).
