@@ -72,6 +72,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # dropped ("drop", as guidance training dropped it) or the encoding of the empty caption ""
     # ("empty": Karlo's pipeline, for its imported weights).
     c.sampling.uncond_text = "drop"
+    # Guidance at timesteps t >= guidance_min_t only, the conditional prediction alone below
+    # (a guidance interval; 0: guidance at every step, the paper's way).
+    c.sampling.guidance_min_t = 0
     # The dataset renders (shapes) or holds images at data.resolution; they are resized to
     # model.resolution for the decoder and to the CLIP's own size for z_i.
     c.data = dict(

@@ -146,6 +146,27 @@ def test_rows_with_z_i_dropped_are_drawn_from_the_caption_alone(cascade, scale):
     assert np.abs(out_a[1] - out_b[1]).mean() > 1e-3
 
 
+def test_guidance_min_t_limits_guidance_to_high_noise(cascade):
+    rng = np.random.default_rng(1)
+    z_i = rng.normal(size=(2, 16)).astype(np.float32)
+    tokens = cascade.put(cascade.tokenize(["a red circle", "a blue square"]))
+    cond = cascade.decoder_cond(cascade.put(z_i), tokens)
+    keys = image_keys(0, cascade.put(np.zeros((2, 2), np.int32)))
+
+    def decode(**sampling):
+        return np.asarray(cascade.decode(cond, keys, method="ddim", eta=0.0, **sampling))
+
+    unguided = decode(guidance_scale=1.0)
+    # A threshold above every timestep guides no step: the conditional model alone, exactly.
+    np.testing.assert_allclose(decode(guidance_scale=3.0, guidance_min_t=1000), unguided, atol=1e-6)
+    # Guiding the high-noise steps only is neither (the random decoder's x0 is mostly clipped
+    # to +-1, so the images differ in few pixels; the same settings give the same bits).
+    every, some = decode(guidance_scale=3.0), decode(guidance_scale=3.0, guidance_min_t=500)
+    assert np.abs(some - unguided).max() > 1e-3 and np.abs(some - every).max() > 1e-3
+    with pytest.raises(ConfigError, match=r"decoder\.guidance_min_t is -1"):
+        parse_settings(["decoder.guidance_min_t=-1"])
+
+
 def test_guidance_scales_reach_the_decoder_and_the_prior(pipeline):
     rng = np.random.default_rng(0)
     z_i = rng.normal(size=(2, 16)).astype(np.float32)

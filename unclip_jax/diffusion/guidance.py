@@ -21,6 +21,7 @@ def guided_model_fn(
     uncond: Any,
     scale: float | Array,
     variance: str = "fixed_small",
+    min_t: int = 0,
 ) -> Callable[[Array, Array], Array]:
     """A `model_fn(x, t)` for the samplers that applies classifier-free guidance.
 
@@ -29,6 +30,9 @@ def guided_model_fn(
     embedding). The model runs once on [x; x] with [cond; uncond], and the prediction is
     s * cond_out + (1 - s) * uncond_out (= uncond + s (cond - uncond), but exact at s = 0 and
     s = 1). Learned variance channels are taken from the conditional half, as GLIDE does.
+    With `min_t` > 0 guidance applies only at timesteps t >= min_t, and rows below it take
+    the conditional prediction: a guidance interval (Kynkaanniemi et al. 2024), since at low
+    noise guidance no longer decides what is drawn and only distorts its detail.
     """
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
@@ -38,6 +42,9 @@ def guided_model_fn(
         pred_c, var_c = split_output(out_c, variance=variance)
         pred_u, _ = split_output(out_u, variance=variance)
         guided = scale * pred_c + (1.0 - scale) * pred_u
+        if min_t > 0:
+            on = (t >= min_t).reshape((-1,) + (1,) * (guided.ndim - 1))
+            guided = jnp.where(on, guided, pred_c)
         return guided if var_c is None else jnp.concatenate([guided, var_c], axis=-1)
 
     return fn

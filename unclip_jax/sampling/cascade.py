@@ -90,7 +90,7 @@ _SAMPLING = ("steps", "method", "eta", "guidance_scale", "clip_x0", "dynamic_thr
 # every upsampler, "upsampler0", "upsampler1", ... to one (and win over "upsampler").
 SETTINGS: dict[str, tuple[str, ...]] = {
     "prior": (*_SAMPLING, "uncond_text", "num_candidates", "temperature", "top_p"),
-    "decoder": (*_SAMPLING, "uncond_text", "inversion_iters"),
+    "decoder": (*_SAMPLING, "uncond_text", "inversion_iters", "guidance_min_t"),
     "upsampler": ("steps", "method", "eta", "clip_x0", "dynamic_threshold"),
 }
 # The type each setting is read as (the rest are floats).
@@ -100,6 +100,7 @@ _SETTING_TYPES = {
     "uncond_text": str,
     "num_candidates": int,
     "inversion_iters": int,
+    "guidance_min_t": int,
 }
 # Settings with a fixed set of values (the config's choices).
 _SETTING_CHOICES = {
@@ -175,6 +176,10 @@ def check_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
             if choices and out[stage][name] not in choices:
                 raise ConfigError(
                     f"setting {stage}.{name} is {value!r}; valid values: {', '.join(choices)}"
+                )
+            if name == "guidance_min_t" and out[stage][name] < 0:
+                raise ConfigError(
+                    f"setting {stage}.{name} is {value!r}; it must be >= 0 (0: guide every step)"
                 )
     return out
 

@@ -138,9 +138,15 @@ def split_key(key: Array) -> tuple[Array, Array]:
 
 
 def _decoder_model_fn(
-    decoder: Decoder, params: Any, cond: Mapping[str, Array], *, scale: float, variance: str
+    decoder: Decoder,
+    params: Any,
+    cond: Mapping[str, Array],
+    *,
+    sampling: Mapping[str, Any],
+    variance: str,
 ) -> Callable[[Array, Array], Array]:
-    """The decoder as the samplers' `model_fn(x, t)` on `cond`, guided when scale != 1.
+    """The decoder as the samplers' `model_fn(x, t)` on `cond`, guided when
+    `sampling.guidance_scale` != 1 (at t >= `sampling.guidance_min_t` only, where it is set).
 
     `cond` may hold a per-row `drop_text` (bool): those rows are conditioned on z_i alone
     (image variations, inversion); and a per-row `drop_image`: those rows are conditioned on
@@ -153,6 +159,7 @@ def _decoder_model_fn(
     every row of the unconditional half and in the `drop_text` rows (as Karlo's variation
     pipeline encodes "" for them).
     """
+    scale = float(sampling["guidance_scale"])
     cond = dict(cond)
     batch = cond["z_i"].shape[0]
     drop_text = cond.pop("drop_text", None)
@@ -191,7 +198,14 @@ def _decoder_model_fn(
     }
     if uncond is not None:
         dropped.update(uncond, drop_text=jnp.zeros((batch,), bool))
-    return D.guided_model_fn(apply, cond=kept, uncond=dropped, scale=scale, variance=variance)
+    return D.guided_model_fn(
+        apply,
+        cond=kept,
+        uncond=dropped,
+        scale=scale,
+        variance=variance,
+        min_t=int(sampling.get("guidance_min_t", 0)),
+    )
 
 
 def decoder_sampler(
@@ -213,7 +227,6 @@ def decoder_sampler(
     `key` is one key or one per row (each row's noise then comes from its own key alone); x_T
     (e.g. a DDIM inversion) replaces the noise the sampler would start from.
     """
-    scale = float(sampling["guidance_scale"])
     variance = diffusion["variance"]
 
     @jax.jit
@@ -222,7 +235,7 @@ def decoder_sampler(
         noise_key, loop_key = split_key(key)
         if x_T is None:
             x_T = D.row_normal(noise_key, (batch, resolution, resolution, 3))
-        model_fn = _decoder_model_fn(decoder, params, cond, scale=scale, variance=variance)
+        model_fn = _decoder_model_fn(decoder, params, cond, sampling=sampling, variance=variance)
         return _sample(model_fn, x_T, loop_key, diffusion, sampling)
 
     return fn
@@ -243,13 +256,12 @@ def decoder_inverter(
     fixed-point refinement of each step (`diffusion.ddim_invert`) makes it exact up to the
     iteration's convergence.
     """
-    scale = float(sampling["guidance_scale"])
     sched = sampling_schedule(diffusion, sampling)
 
     @jax.jit
     def fn(params: Any, cond: Mapping[str, Array], x0: Array) -> Array:
         model_fn = _decoder_model_fn(
-            decoder, params, cond, scale=scale, variance=diffusion["variance"]
+            decoder, params, cond, sampling=sampling, variance=diffusion["variance"]
         )
         return D.ddim_invert(
             model_fn=model_fn,
@@ -274,7 +286,6 @@ def decoder_x0_predictor(
     What the decoder makes of a real image at one noise level, without the sampler's other
     steps: where in t a sample's shape or place goes wrong (`benchmarks/decoder_oracle.py
     --x0-at`)."""
-    scale = float(sampling["guidance_scale"])
     sched = D.make_schedule(diffusion["schedule"], diffusion["num_steps"])
 
     @jax.jit
@@ -282,7 +293,7 @@ def decoder_x0_predictor(
         x0 = x0.astype(jnp.float32)
         x_t = D.q_sample(x0=x0, t=t, noise=D.row_normal(key, x0.shape), sched=sched)
         model_fn = _decoder_model_fn(
-            decoder, params, cond, scale=scale, variance=diffusion["variance"]
+            decoder, params, cond, sampling=sampling, variance=diffusion["variance"]
         )
         pred, _ = D.split_output(model_fn(x_t, t), variance=diffusion["variance"])
         return D.predict_x0(
