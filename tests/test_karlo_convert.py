@@ -712,7 +712,11 @@ def test_karlos_no_caption_is_the_empty_captions_encoding(tiny):
     @jax.jit
     def guided(c, x, t):
         return _decoder_model_fn(
-            cascade.decoder, cascade.decoder_params, c, scale=8.0, variance="learned_range"
+            cascade.decoder,
+            cascade.decoder_params,
+            c,
+            sampling={"guidance_scale": 8.0},
+            variance="learned_range",
         )(x, t)
 
     with cascade.context():
