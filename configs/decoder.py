@@ -39,6 +39,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         num_groups=32,
         coord_channels=False,  # (y, x) input channels, a position signal (not in the paper)
         patch_size=1,  # U-Net on patch_size^2 pixels stacked on channels (not in the paper)
+        pixel_head=0,  # channels of a full-resolution head after a patched U-Net (0: none)
         clip_dim=128,  # the conditioning CLIP's embedding width (checked against clip.dir)
         # z_i scaled to unit norm: the space the priors sample in (CLIP compares embeddings by
         # cosine). False feeds CLIP's raw image_embeds, as Karlo's decoder was trained.

@@ -184,6 +184,22 @@ def test_training_timesteps_are_uniform_at_power_1_and_lean_to_high_noise_below_
         timesteps_for_training(jax.random.key(0), 4, n, 0.0)
 
 
+def test_a_uniform_share_of_training_timesteps_keeps_a_floor_at_low_noise():
+    """Drawn uniformly with probability s, else as floor(N u^p): P(t < 100) = s 0.1 + (1 - s)
+    0.01 at p = 1/2, and with s = 0 the draws are exactly those without the share."""
+    n, b = 1000, 200_000
+    key = jax.random.key(2)
+    plain = np.asarray(timesteps_for_training(key, b, n, 0.5))
+    np.testing.assert_array_equal(np.asarray(timesteps_for_training(key, b, n, 0.5, 0.0)), plain)
+    for share in (0.25, 1.0):
+        t = np.asarray(timesteps_for_training(key, b, n, 0.5, share))
+        low = share * 0.1 + (1 - share) * 0.1**2
+        # One standard error of a rate near 0.03 at this b is 4e-4.
+        assert abs((t < 100).mean() - low) < 2e-3, (share, (t < 100).mean())
+    with pytest.raises(ValueError, match="timestep_uniform_share"):
+        timesteps_for_training(key, 4, n, 0.5, 1.5)
+
+
 def test_the_denoising_loss_draws_its_timesteps_with_the_configs_power():
     seen = []
 

@@ -445,3 +445,27 @@ def test_a_patched_unet_maps_images_to_their_size_with_attention_at_feature_map_
     assert float(jnp.max(jnp.abs(bumped - out)[:, 5, 7])) > 1e-4
     with pytest.raises(ValueError, match="divisible by 4"):
         model.apply({"params": params}, jnp.zeros((1, 18, 18, 3)), jnp.zeros((1,)))
+
+
+def test_a_pixel_head_starts_as_the_patched_unet_and_then_corrects_it():
+    """pixel_head adds a full-resolution correction, read from the unstacked output and the
+    input pixels, whose last conv starts at zero: at init the output is the patched U-Net's to
+    the bit, and once its weights move (here: random) the output moves; it needs patches."""
+    plain = UNet(in_channels=3, out_channels=6, patch_size=2, **TINY)
+    headed = UNet(in_channels=3, out_channels=6, patch_size=2, pixel_head=8, **TINY)
+    x = jax.random.normal(jax.random.key(0), (B, RES, RES, 3))
+    t = jnp.full((B,), 10)
+    params = nn.meta.unbox(jax.jit(headed.init)(key(0), x[:1], t[:1])["params"])
+    assert params["pixel_head_in"]["kernel"].shape == (3, 3, 6 + 3, 8)
+    assert params["pixel_head_out"]["kernel"].shape == (3, 3, 8, 6)
+    base = {k: v for k, v in params.items() if not k.startswith("pixel_head")}
+    np.testing.assert_array_equal(
+        headed.apply({"params": params}, x, t), plain.apply({"params": base}, x, t)
+    )
+    moved = randomise_zeros(params, 1)
+    out = headed.apply({"params": moved}, x, t)
+    assert out.shape == (B, RES, RES, 6)
+    unheaded = {k: v for k, v in moved.items() if not k.startswith("pixel_head")}
+    assert float(jnp.max(jnp.abs(out - plain.apply({"params": unheaded}, x, t)))) > 1e-3
+    with pytest.raises(ValueError, match=r"pixel_head .* needs patch_size > 1"):
+        UNet(in_channels=3, out_channels=6, pixel_head=8, **TINY).init(key(0), x[:1], t[:1])

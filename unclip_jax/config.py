@@ -179,8 +179,10 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
 # existed resumes under a config that sets it to that value.
 ABSENT_MEANS: dict[str, Any] = {
     "diffusion.timestep_power": 1.0,
+    "diffusion.timestep_uniform_share": 0.0,
     "model.patch_size": 1,
     "model.coord_channels": False,
+    "model.pixel_head": 0,
 }
 
 
@@ -199,7 +201,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Probabilities, wherever a config has them.
-PROBABILITY_FIELDS = ("guidance.clip_drop_prob", "guidance.text_drop_prob")
+PROBABILITY_FIELDS = (
+    "guidance.clip_drop_prob",
+    "guidance.text_drop_prob",
+    "diffusion.timestep_uniform_share",
+)
 
 
 # Integer fields with a lower bound, wherever a config has them.
@@ -441,12 +447,15 @@ def diffusion_block(
     loss: str = "mse",
     vlb_weight: float = 0.001,
     timestep_power: float = 1.0,
+    timestep_uniform_share: float = 0.0,
 ) -> dict[str, Any]:
     """`diffusion.*`: the forward process and what the model predicts (see unclip_jax.diffusion).
 
     loss 'hybrid' is L_simple + vlb_weight * L_vlb and needs variance 'learned_range'.
     timestep_power p draws training timesteps t = floor(N u^p), u ~ U[0, 1): 1 is the paper's
-    uniform t, p < 1 puts more of the steps at high noise (density of t/N: (1/p) s^(1/p - 1)).
+    uniform t, p < 1 puts more of the steps at high noise (density of t/N: (1/p) s^(1/p - 1));
+    a `timestep_uniform_share` of the draws is uniform instead, a floor under the low-noise
+    density that p < 1 all but removes.
     """
     return dict(
         schedule=schedule,
@@ -456,6 +465,7 @@ def diffusion_block(
         loss=loss,
         vlb_weight=vlb_weight,
         timestep_power=timestep_power,
+        timestep_uniform_share=timestep_uniform_share,
     )
 
 

@@ -32,6 +32,7 @@ def _unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
         num_groups=model.get("num_groups", 32),
         scale_shift=model.get("scale_shift", True),
         patch_size=int(model.get("patch_size", ABSENT_MEANS["model.patch_size"])),
+        pixel_head=int(model.get("pixel_head", ABSENT_MEANS["model.pixel_head"])),
     )
 
 

@@ -417,6 +417,12 @@ class UNet(nn.Module):
     # of a small U-Net's cost. `resolution` stays the image's; `attention_resolutions` name
     # feature-map sizes (resolution / (patch_size 2^level)).
     patch_size: int = 1
+    # A small full-resolution head after the patched U-Net (0: none; needs patch_size > 1):
+    # two 3x3 convolutions with this many channels, at the image's own pixels, reading the
+    # U-Net's unstacked output next to the input x_t and adding a correction to it (zero at
+    # initialisation). A patched U-Net sees pixels only through its patches' linear embedding
+    # and read-out; at low noise the eps/v target is x_t's pixel-level detail.
+    pixel_head: int = 0
     dtype: Any = jnp.float32
     # Rematerialisation: each ResBlock and attention block recomputes its activations in the
     # backward pass instead of keeping them (less memory, about a third more compute).
@@ -467,9 +473,12 @@ class UNet(nn.Module):
         if emb is not None:
             temb = temb + emb.astype(temb.dtype)
 
+        if self.pixel_head and self.patch_size == 1:
+            raise ValueError("pixel_head refines a patched U-Net's output: it needs patch_size > 1")
         x = x.astype(dt)
         if self.coord_channels:
             x = jnp.concatenate([x, coordinate_grid(x.shape[0], x.shape[1], x.shape[2], dt)], -1)
+        pixels = x
         if self.patch_size > 1:
             x = space_to_depth(x, self.patch_size)
         h = _conv(self.channels, name="conv_in", dtype=dt)(_pin_image(x))
@@ -508,6 +517,13 @@ class UNet(nn.Module):
         h = _conv(self.out_channels * p2, name="conv_out", dtype=dt, zero_init=True)(nn.silu(h))
         if self.patch_size > 1:
             h = depth_to_space(h, self.patch_size)
+        if self.pixel_head:
+            r = _conv(self.pixel_head, name="pixel_head_in", dtype=dt)(
+                _pin_image(jnp.concatenate([h, pixels], -1))
+            )
+            t_bias = dense(self.pixel_head, ("embed", "channels"), name="pixel_head_time", dtype=dt)
+            r = nn.silu(r + t_bias(nn.silu(temb))[:, None, None, :])
+            h = h + _conv(self.out_channels, name="pixel_head_out", dtype=dt, zero_init=True)(r)
         return _pin_image(h)
 
 

@@ -14,20 +14,31 @@ from unclip_jax.config import ABSENT_MEANS
 Array = jax.Array
 
 
-def timesteps_for_training(rng: Array, batch: int, num_steps: int, power: float = 1.0) -> Array:
-    """(batch,) int32 training timesteps t = floor(N u^power), u ~ U[0, 1).
+def timesteps_for_training(
+    rng: Array, batch: int, num_steps: int, power: float = 1.0, uniform_share: float = 0.0
+) -> Array:
+    """(batch,) int32 training timesteps t = floor(N u^power), u ~ U[0, 1), each drawn
+    uniformly (u^1) instead with probability `uniform_share`.
 
     power 1 is uniform on {0, ..., N-1} (the paper); power < 1 draws more of them near N (high
-    noise), where a conditional model decides its sample's layout and shape. With power != 1
-    the hybrid loss's N L_t no longer estimates the VLB without bias (it only trains the
-    variance, at weight 1e-3).
+    noise), where a conditional model decides its sample's layout and shape, and fewer near 0
+    (power 0.5: density 2t/N, so t < 50 in 0.25% of draws), where it learns to draw fine
+    detail; `uniform_share` keeps a floor under that density (share + (1 - share) 2t/N). With
+    power != 1 the hybrid loss's N L_t no longer estimates the VLB without bias (it only trains
+    the variance, at weight 1e-3).
     """
     if power <= 0:
         raise ValueError(f"diffusion.timestep_power must be > 0, got {power}")
-    if power == 1.0:
+    if not 0.0 <= uniform_share <= 1.0:
+        raise ValueError(f"diffusion.timestep_uniform_share must be in [0, 1], got {uniform_share}")
+    if power == 1.0 or uniform_share == 1.0:
         return jax.random.randint(rng, (batch,), 0, num_steps)
     u = jax.random.uniform(rng, (batch,))
-    return jnp.minimum(jnp.floor(num_steps * u**power), num_steps - 1).astype(jnp.int32)
+    warped = u**power
+    if uniform_share > 0.0:  # its own key: u (and so a share-0 run's t) is as before
+        coin = jax.random.uniform(jax.random.fold_in(rng, 1), (batch,))
+        warped = jnp.where(coin < uniform_share, u, warped)
+    return jnp.minimum(jnp.floor(num_steps * warped), num_steps - 1).astype(jnp.int32)
 
 
 def denoising_loss(
@@ -40,7 +51,8 @@ def denoising_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """(mean loss, metrics) of the model `apply(x_t, t) -> output` on clean data x0.
 
-    t = floor(N u^p), u ~ U[0, 1) (p = `diffusion.timestep_power`; 1 is t ~ U{0, ..., N-1}) and
+    t = floor(N u^p), u ~ U[0, 1) (p = `diffusion.timestep_power`; 1 is t ~ U{0, ..., N-1}; a
+    `diffusion.timestep_uniform_share` of them uniform) and
     eps ~ N(0, I) per example, x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
     and the loss is `diffusion.loss` ('mse' or 'hybrid' = L_simple + vlb_weight N L_t) of the
     output against `diffusion.prediction`'s target. Metrics: the mean MSE, the VLB term in
@@ -50,7 +62,10 @@ def denoising_loss(
     b = x0.shape[0]
     x0 = x0.astype(jnp.float32)
     power = diffusion.get("timestep_power", ABSENT_MEANS["diffusion.timestep_power"])
-    t = timesteps_for_training(t_key, b, sched.num_steps, power)
+    share = diffusion.get(
+        "timestep_uniform_share", ABSENT_MEANS["diffusion.timestep_uniform_share"]
+    )
+    t = timesteps_for_training(t_key, b, sched.num_steps, power, share)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
     output = apply(x_t, t).astype(jnp.float32)
