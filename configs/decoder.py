@@ -148,6 +148,14 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # prompts (two seeds) against 0.331 for 64 channels at 4,000 steps, and it samples
         # 2.6x faster (benchmarks/README.md, "Sampling the 4,000-step demo").
         c.model.channel_mult = (1, 1, 1)
+        # A 16-channel full-resolution head after the patched U-Net (`model.pixel_head`: two
+        # 3x3 convolutions at 32 px reading the unstacked output next to x_t). The patches
+        # left the decoder rounding small shapes' tips and corners even from a nearly clean
+        # x_t (its x0 from real images noised to t = 50: small triangles read right 0.47,
+        # the noisy input itself 0.99). Given the true z_i, 8,000 steps, all five right for
+        # 0.458 of 450 seen-pair prompts against 0.360 (shape 0.57, size 0.98, position 0.76),
+        # for about 5% of the step; 32 channels 0.449 (benchmarks/README.md, "A pixel head").
+        c.model.pixel_head = 16
     elif arg == "tiny":
         c.model.update(
             resolution=16,
