@@ -154,8 +154,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # x_t (its x0 from real images noised to t = 50: small triangles read right 0.47,
         # the noisy input itself 0.99). Given the true z_i, 8,000 steps, all five right for
         # 0.458 and 0.438 (two seeds) of 450 seen-pair prompts against 0.360 and 0.353 (shape
-        # 0.57, size 0.98, position 0.76),
-        # for about 5% of the step; 32 channels 0.449 (benchmarks/README.md, "A pixel head").
+        # 0.57, size 0.98, position 0.76), for about 5% of the step; 32 channels 0.449
+        # (benchmarks/README.md, "A pixel head on the patched decoder").
         c.model.pixel_head = 16
     elif arg == "tiny":
         c.model.update(

@@ -447,6 +447,8 @@ class UNet(nn.Module):
         """
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {x.shape[-1]}")
+        if self.pixel_head and self.patch_size == 1:
+            raise ValueError("pixel_head refines a patched U-Net's output: it needs patch_size > 1")
         levels = len(self.channel_mult)
         factor = self.patch_size * 2 ** (levels - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
@@ -473,8 +475,6 @@ class UNet(nn.Module):
         if emb is not None:
             temb = temb + emb.astype(temb.dtype)
 
-        if self.pixel_head and self.patch_size == 1:
-            raise ValueError("pixel_head refines a patched U-Net's output: it needs patch_size > 1")
         x = x.astype(dt)
         if self.coord_channels:
             x = jnp.concatenate([x, coordinate_grid(x.shape[0], x.shape[1], x.shape[2], dt)], -1)
