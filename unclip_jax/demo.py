@@ -61,7 +61,8 @@ class Preset:
 # seen pairs from all five 0.247 to 0.302 (shape 0.48 -> 0.53, position 0.55 -> 0.61) for
 # 150 s more; the config's 32 channels at each level (were 64) run 8,000 steps in that time:
 # 0.313 (position 0.67), 23:30 in all on an idle 2-core machine; with the config's pixel head
-# 0.389, 28:45 on a slow day for the machine (README, "The demo").
+# 0.389, 28:45 on a slow day for the machine; with the CLIP at lr 5e-4, 0.604 (README, "The
+# demo").
 PRESETS: dict[str, Preset] = {
     "full": Preset({"clip": 1_200, "prior": 600, "decoder": 8_000, "upsampler": 300}),
     "quick": Preset(
