@@ -61,8 +61,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.train = train_block(steps=2_400, batch_size=64, checkpoint_every=800, log_every=50)
     c.mesh = mesh_block()
     # lr 5e-4 (was 1e-3): at 1e-3 the demo's 1,200-step CLIP learned position in some runs and
-    # not others (retrieval 0.69, 0.93, 0.43 over three runs of this config); at 5e-4 0.97 in
-    # both seeds tried, all five attributes 0.86 and 0.84 (the 0.43 run: 0.41); 2e-3 never
+    # not others (retrieval 0.69, 0.93, 0.43, 0.94 over four runs of this config); at 5e-4 0.97
+    # in both seeds tried, all five attributes 0.86 and 0.84 (the 0.43 run: 0.41); 2e-3 never
     # learned it. The demo went from 0.389 to 0.604 with it (benchmarks/README.md, "The CLIP
     # bounds the cascade").
     c.optim = optim_block(
