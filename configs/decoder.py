@@ -71,7 +71,8 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling = sampling_block(steps="50", method="ddpm", guidance_scale=3.0)
     # The unconditional half of guidance: z_i is the learned null embedding, and the caption is
     # dropped ("drop", as guidance training dropped it) or the encoding of the empty caption ""
-    # ("empty": Karlo's pipeline, for its imported weights).
+    # ("empty": Karlo's pipeline, for its imported weights; also the demo's setting for its
+    # shapes decoder, where it drew more right shapes: unclip_jax/demo.py, SAMPLING).
     c.sampling.uncond_text = "drop"
     # Guidance at timesteps t >= guidance_min_t only, the conditional prediction alone below
     # (a guidance interval; 0: guidance at every step, the paper's way).
