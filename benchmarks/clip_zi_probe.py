@@ -24,10 +24,10 @@ import numpy as np
 
 from unclip_jax.clip import load_pretrained
 from unclip_jax.data.pipeline import open_dataset
-from unclip_jax.data.shapes import ATTRIBUTES, SIZES
+from unclip_jax.data.shapes import SIZES
 from unclip_jax.evaluation.attribute_probe import (
     fit_attribute_probe,
-    probe_accuracy,
+    label_accuracy,
     stack_labels,
 )
 from unclip_jax.evaluation.runner import clip_features
@@ -46,16 +46,14 @@ def nearest_labels(
 
 
 def accuracies(read: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per-attribute and all-five accuracy, and position by the true size."""
-    hits = np.stack([read[a] == labels[a] for a in ATTRIBUTES], axis=1)
-    out = {a: round(float(hits[:, i].mean()), 3) for i, a in enumerate(ATTRIBUTES)}
-    out["all_attributes"] = round(float(hits.all(axis=1).mean()), 3)
-    position = hits[:, ATTRIBUTES.index("position")]
+    """`label_accuracy`, and position by the true size, rounded to 3 places."""
+    out = label_accuracy(read, labels)
+    position = read["position"] == labels["position"]
     for index, size in enumerate(SIZES):
         rows = labels["size"] == index
         if rows.any():
-            out[f"position_{size}"] = round(float(position[rows].mean()), 3)
-    return out
+            out[f"position_{size}"] = float(position[rows].mean())
+    return {name: round(value, 3) for name, value in out.items()}
 
 
 def main() -> None:
@@ -86,13 +84,12 @@ def main() -> None:
     test_y = stack_labels([r["labels"] for r in test_rows])
 
     probe = fit_attribute_probe(train_z, train_y)
-    linear = probe_accuracy(probe, test_z, test_y)
     result = {
         "clip": args.clip,
         "train": args.train,
         "test": args.test,
         "nearest": accuracies(nearest_labels(test_z, train_z, train_y), test_y),
-        "linear": {a: round(v, 3) for a, v in linear.items()},
+        "linear": accuracies(probe.predict(test_z), test_y),
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(result))

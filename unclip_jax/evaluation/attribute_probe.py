@@ -96,8 +96,15 @@ def probe_accuracy(
     probe: AttributeProbe, features: np.ndarray, labels: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
     """Accuracy per attribute and of all five at once on labelled features."""
-    read = probe.predict(features)
-    hits = np.stack([read[a] == np.asarray(labels[a]) for a in ATTRIBUTES], axis=1)
+    return label_accuracy(probe.predict(features), labels)
+
+
+def label_accuracy(
+    read: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Accuracy per attribute and of all five at once of read labels against true ones
+    (attribute -> (N,) integer labels, both)."""
+    hits = np.stack([np.asarray(read[a]) == np.asarray(labels[a]) for a in ATTRIBUTES], axis=1)
     out = {a: float(hits[:, i].mean()) for i, a in enumerate(ATTRIBUTES)}
     out["all_attributes"] = float(hits.all(axis=1).mean())
     return out
