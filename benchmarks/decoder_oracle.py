@@ -18,7 +18,8 @@ image's z_i (fixed permutation), so the scores say what the caption alone still 
 `--x0-at T` reads, instead of samples, the decoder's one-step x0 estimate from the test images
 themselves noised to training timestep T (guided as the sampler is; `Cascade.predict_x0`),
 and `--x0-at T --noisy` the noised image x_t / sqrt(abar_t) itself (no model): where in t the
-decoder's drawing goes wrong, and whether it denoises better than the noisy input reads.
+decoder's drawing goes wrong, and whether it denoises better than the noisy input reads. `--save PNG` writes the images read,
+grouped by the prompt's size and shape, each captioned with its prompt and what was read wrong.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 from unclip_jax import diffusion as D
 from unclip_jax.data.images import to_uint8
 from unclip_jax.data.pipeline import open_dataset
-from unclip_jax.data.shapes import NUM_COMBINATIONS, SHAPES, SIZES, is_held_out
+from unclip_jax.data.show import caption_grid
+from unclip_jax.data.shapes import ATTRIBUTES, NUM_COMBINATIONS, SHAPES, SIZES, is_held_out
 from unclip_jax.evaluation.shapes_reader import attribute_accuracy, read_shapes_image
 from unclip_jax.sampling.cascade import Cascade, PipelineSpec, parse_settings
 
@@ -57,6 +59,23 @@ def shape_by_kind(images: list[np.ndarray], labels: list[dict]) -> dict[str, flo
         kind = f"{list(SIZES)[label['size']]} {SHAPES[label['shape']]}"
         right.setdefault(kind, []).append(read_shapes_image(image)["shape"] == label["shape"])
     return {kind: round(float(np.mean(hits)), 2) for kind, hits in sorted(right.items())}
+
+
+def save_grid(path: str, images: list[np.ndarray], examples: list[dict]) -> None:
+    """The images as a captioned PNG grid, grouped by the prompt's size and shape, each
+    caption the prompt and the attributes read wrong ("wrong: shape" ...)."""
+
+    def kind(e: dict) -> tuple[int, int]:
+        return e["labels"]["size"], e["labels"]["shape"]
+
+    order = sorted(range(len(images)), key=lambda i: kind(examples[i]))
+    captions = []
+    for i in order:
+        read, true = read_shapes_image(images[i]), examples[i]["labels"]
+        wrong = [a for a in ATTRIBUTES if read[a] != true[a]]
+        captions.append(f"{examples[i]['caption']} | wrong: {', '.join(wrong) or '-'}")
+    grid = caption_grid([images[i] for i in order], captions, scale=4)
+    grid.save(path)
 
 
 def noised(cascade: Cascade, x0: jax.Array, t: np.ndarray, keys: jax.Array) -> jax.Array:
@@ -95,6 +114,7 @@ def main() -> None:
         action="store_true",
         help="with --x0-at: read x_T / sqrt(abar_T), the noised images themselves",
     )
+    p.add_argument("--save", metavar="PNG", help="write the images read as a captioned grid")
     args = p.parse_args()
     if args.noisy and args.x0_at is None:
         p.error("--noisy reads the images noised by --x0-at T: give --x0-at")
@@ -129,6 +149,8 @@ def main() -> None:
     pictures = [to_uint8(im) for im in images]
     labels = [e["labels"] for e in examples]
     scores = attribute_accuracy(pictures, labels)
+    if args.save:
+        save_grid(args.save, pictures, examples)
     result = {k: round(v, 3) for k, v in scores.items()}
     result.update(
         shape_by_kind=shape_by_kind(pictures, labels),
