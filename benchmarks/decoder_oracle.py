@@ -34,8 +34,8 @@ import numpy as np
 from unclip_jax import diffusion as D
 from unclip_jax.data.images import to_uint8
 from unclip_jax.data.pipeline import open_dataset
-from unclip_jax.data.show import caption_grid
 from unclip_jax.data.shapes import ATTRIBUTES, NUM_COMBINATIONS, SHAPES, SIZES, is_held_out
+from unclip_jax.data.show import caption_grid
 from unclip_jax.evaluation.shapes_reader import attribute_accuracy, read_shapes_image
 from unclip_jax.sampling.cascade import Cascade, PipelineSpec, parse_settings
 
