@@ -18,8 +18,9 @@ image's z_i (fixed permutation), so the scores say what the caption alone still 
 `--x0-at T` reads, instead of samples, the decoder's one-step x0 estimate from the test images
 themselves noised to training timestep T (guided as the sampler is; `Cascade.predict_x0`),
 and `--x0-at T --noisy` the noised image x_t / sqrt(abar_t) itself (no model): where in t the
-decoder's drawing goes wrong, and whether it denoises better than the noisy input reads. `--save PNG` writes the images read,
-grouped by the prompt's size and shape, each captioned with its prompt and what was read wrong.
+decoder's drawing goes wrong, and whether it denoises better than the noisy input reads.
+`--save PNG` writes the images read, grouped by the prompt's size and shape, each captioned
+with its prompt and what was read wrong.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from unclip_jax.data.images import to_uint8
 from unclip_jax.data.pipeline import open_dataset
 from unclip_jax.data.shapes import ATTRIBUTES, NUM_COMBINATIONS, SHAPES, SIZES, is_held_out
 from unclip_jax.data.show import caption_grid
-from unclip_jax.evaluation.shapes_reader import attribute_accuracy, read_shapes_image
+from unclip_jax.evaluation.attribute_probe import label_accuracy, stack_labels
+from unclip_jax.evaluation.shapes_reader import read_shapes_image
 from unclip_jax.sampling.cascade import Cascade, PipelineSpec, parse_settings
 
 ABLATIONS = ("none", "caption", "z_i", "shuffle_z_i")
@@ -51,19 +53,19 @@ def seen_examples(data_dir: str, resolution: int, num: int) -> list[dict]:
     return [test[seen[j]] for j in picked]
 
 
-def shape_by_kind(images: list[np.ndarray], labels: list[dict]) -> dict[str, float]:
+def shape_by_kind(read: list[dict], labels: list[dict]) -> dict[str, float]:
     """Shape read right, by the prompt's size and shape ("small square": ...): where the
     decoder's drawing fails (small squares and triangles drawn as blobs read as circles)."""
     right: dict[str, list[bool]] = {}
-    for image, label in zip(images, labels, strict=True):
+    for got, label in zip(read, labels, strict=True):
         kind = f"{list(SIZES)[label['size']]} {SHAPES[label['shape']]}"
-        right.setdefault(kind, []).append(read_shapes_image(image)["shape"] == label["shape"])
+        right.setdefault(kind, []).append(got["shape"] == label["shape"])
     return {kind: round(float(np.mean(hits)), 2) for kind, hits in sorted(right.items())}
 
 
-def save_grid(path: str, images: list[np.ndarray], examples: list[dict]) -> None:
+def save_grid(path: str, images: list[np.ndarray], read: list[dict], examples: list[dict]) -> None:
     """The images as a captioned PNG grid, grouped by the prompt's size and shape, each
-    caption the prompt and the attributes read wrong ("wrong: shape" ...)."""
+    caption the prompt and the attributes `read` got wrong ("wrong: shape" ...)."""
 
     def kind(e: dict) -> tuple[int, int]:
         return e["labels"]["size"], e["labels"]["shape"]
@@ -71,8 +73,7 @@ def save_grid(path: str, images: list[np.ndarray], examples: list[dict]) -> None
     order = sorted(range(len(images)), key=lambda i: kind(examples[i]))
     captions = []
     for i in order:
-        read, true = read_shapes_image(images[i]), examples[i]["labels"]
-        wrong = [a for a in ATTRIBUTES if read[a] != true[a]]
+        wrong = [a for a in ATTRIBUTES if read[i][a] != examples[i]["labels"][a]]
         captions.append(f"{examples[i]['caption']} | wrong: {', '.join(wrong) or '-'}")
     grid = caption_grid([images[i] for i in order], captions, scale=4)
     grid.save(path)
@@ -148,12 +149,13 @@ def main() -> None:
             images = np.asarray(cascade.predict_x0(cond, x0, cascade.put(t), keys))
     pictures = [to_uint8(im) for im in images]
     labels = [e["labels"] for e in examples]
-    scores = attribute_accuracy(pictures, labels)
+    read = [read_shapes_image(picture) for picture in pictures]  # once, for every figure below
+    scores = label_accuracy(stack_labels(read), stack_labels(labels))
     if args.save:
-        save_grid(args.save, pictures, examples)
+        save_grid(args.save, pictures, read, examples)
     result = {k: round(v, 3) for k, v in scores.items()}
     result.update(
-        shape_by_kind=shape_by_kind(pictures, labels),
+        shape_by_kind=shape_by_kind(read, labels),
         num=len(examples),
         ablate=args.ablate,
         x0_at=args.x0_at,
