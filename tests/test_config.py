@@ -98,11 +98,17 @@ def test_wrong_type_is_named():
         ("model.channel_mult", "('a',)", r"'model.channel_mult' expects a tuple of int"),
         ("model.patch_size", "0", r"'model.patch_size' is 0; it must be at least 1"),
         ("diffusion.timestep_power", "0", r"'diffusion.timestep_power' is 0.0; it must be > 0"),
+        ("diffusion.edge_weight", "-1", r"'diffusion.edge_weight' is -1.0; it must be >= 0"),
     ],
 )
 def test_out_of_range_values_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_spec("decoder", "tiny"), {key: value})
+
+
+def test_edge_weights_are_for_images_not_the_priors_embeddings():
+    with pytest.raises(ConfigError, match=r"'diffusion.edge_weight' is 2.0; .* 0 for the prior"):
+        load_config(_spec("prior", "tiny"), {"diffusion.edge_weight": "2"})
 
 
 def test_value_outside_its_choices_is_named_with_the_valid_ones():

@@ -215,3 +215,72 @@ def test_the_denoising_loss_draws_its_timesteps_with_the_configs_power():
     uniform, high = seen
     assert uniform.min() < 100 and uniform.max() > 900
     assert high.min() >= 900  # u^0.01 >= 0.9 unless u < 0.9^100 ~ 3e-5
+
+
+def test_the_edge_map_marks_both_sides_of_an_outline_and_nothing_flat():
+    x0 = -np.ones((2, 16, 16, 3), np.float32)
+    x0[1, 4:10, 5:11] = [0.7, -0.4, -0.6]  # a 6 x 6 square, contrast >= 0.6 in a channel
+    edges = np.asarray(D.edge_map(jnp.asarray(x0)))[..., 0]
+    assert edges.shape == (2, 16, 16) and not edges[0].any()
+    ring = np.zeros((16, 16), bool)
+    ring[3:11, 4:12] = True
+    ring[5:9, 6:10] = False  # the square's inner row of pixels and the outer row around it
+    np.testing.assert_array_equal(edges[1], ring.astype(np.float32))
+    with pytest.raises(ValueError, match=r"images \(B, H, W, C\)"):
+        D.edge_map(jnp.zeros((2, 5)))
+
+
+def test_edge_weights_keep_flat_pixels_at_one_and_give_outlines_one_plus_lambda():
+    x0 = -np.ones((2, 16, 16, 3), np.float32)
+    x0[1, 4:10, 5:11] = 1.0
+    w = np.asarray(D.edge_weights(jnp.asarray(x0), jnp.array([8.0, 2.0])))
+    np.testing.assert_allclose(w[0], 1.0)  # a flat image: every pixel alike
+    edges = np.asarray(D.edge_map(jnp.asarray(x0)))[1]
+    np.testing.assert_allclose(w[1], 1.0 + 2.0 * edges)  # each example its own lambda
+    assert w[1].min() == 1.0 and w[1].max() == 3.0
+
+
+def test_pixel_weights_weigh_the_squared_error_but_not_the_vlb():
+    x0 = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1)
+    noise = jax.random.normal(jax.random.key(1), x0.shape)
+    t = jnp.array([10, 500])
+    x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=SCHED)
+    output = jax.random.normal(jax.random.key(2), (2, 4, 4, 6))
+    common = dict(
+        output=output,
+        x0=x0,
+        x_t=x_t,
+        noise=noise,
+        t=t,
+        sched=SCHED,
+        prediction="v",
+        variance="learned_range",
+        loss="hybrid",
+    )
+    plain = D.diffusion_loss(**common)
+    weights = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(2.0)  # mean 1: the top half counts twice
+    weighted = D.diffusion_loss(**common, pixel_weights=weights)
+    np.testing.assert_allclose(weighted["vlb"], plain["vlb"])
+    pred, _ = D.split_output(output, variance="learned_range")
+    target = D.training_target(prediction="v", x0=x0, eps=noise, t=t, sched=SCHED)
+    top = jnp.mean(jnp.square(target - pred)[:, :2], axis=(1, 2, 3))
+    np.testing.assert_allclose(weighted["mse"], top, rtol=1e-5)
+
+
+def test_the_denoising_loss_weighs_outline_pixels_by_the_configs_edge_weight():
+    x0 = -np.ones((2, 8, 8, 3), np.float32)
+    x0[1, 2:5, 2:5] = 1.0
+    edges = np.asarray(D.edge_map(jnp.asarray(x0)))
+
+    def zero(x_t, t):  # predicts x0 = 0, so each pixel's error is x0^2 = 1 whatever t is
+        return jnp.zeros_like(x_t)
+
+    def loss(edge_weight):
+        block = diffusion_block(prediction="x0", edge_weight=edge_weight)
+        return denoising_loss(
+            zero, jnp.asarray(x0), jax.random.key(0), sched=SCHED, diffusion=block
+        )
+
+    assert float(loss(0.0)[0]) == pytest.approx(1.0)
+    # Mean over both examples of mean(1 + 4 e): the flat one 1, the other 1 + 4 mean(e).
+    assert float(loss(4.0)[0]) == pytest.approx(1.0 + 2.0 * edges[1].mean(), rel=1e-6)

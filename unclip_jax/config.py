@@ -180,6 +180,7 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
 ABSENT_MEANS: dict[str, Any] = {
     "diffusion.timestep_power": 1.0,
     "diffusion.timestep_uniform_share": 0.0,
+    "diffusion.edge_weight": 0.0,
     "model.patch_size": 1,
     "model.coord_channels": False,
     "model.pixel_head": 0,
@@ -267,6 +268,12 @@ def validate_config(config: ConfigDict) -> None:
         if not power > 0:
             raise ConfigError(
                 f"config key 'diffusion.timestep_power' is {power!r}; it must be > 0 (1: uniform t)"
+            )
+        edge = config.diffusion.get("edge_weight", ABSENT_MEANS["diffusion.edge_weight"])
+        if edge < 0 or (edge and config.get("stage") == "prior"):
+            raise ConfigError(
+                f"config key 'diffusion.edge_weight' is {edge!r}; it must be >= 0, and 0 for the "
+                "prior (it weighs image pixels by the outlines they lie on; z_i has none)"
             )
         loss, variance = config.diffusion.get("loss"), config.diffusion.get("variance")
         if (loss == "hybrid") != (variance == "learned_range"):
@@ -448,6 +455,7 @@ def diffusion_block(
     vlb_weight: float = 0.001,
     timestep_power: float = 1.0,
     timestep_uniform_share: float = 0.0,
+    edge_weight: float = 0.0,
 ) -> dict[str, Any]:
     """`diffusion.*`: the forward process and what the model predicts (see unclip_jax.diffusion).
 
@@ -456,6 +464,9 @@ def diffusion_block(
     uniform t, p < 1 puts more of the steps at high noise (density of t/N: (1/p) s^(1/p - 1));
     a `timestep_uniform_share` of the draws is uniform instead, a floor under the low-noise
     density that p < 1 all but removes.
+    edge_weight lambda > 0 (images only, not in the paper) weighs each pixel's squared error by
+    1 + lambda e, e the clean image's edge indicator (`losses.edge_map`): the objects'
+    outlines get a larger share of the loss than flat background.
     """
     return dict(
         schedule=schedule,
@@ -466,6 +477,7 @@ def diffusion_block(
         vlb_weight=vlb_weight,
         timestep_power=timestep_power,
         timestep_uniform_share=timestep_uniform_share,
+        edge_weight=edge_weight,
     )
 
 

@@ -55,8 +55,10 @@ def denoising_loss(
     `diffusion.timestep_uniform_share` of them uniform) and
     eps ~ N(0, I) per example, x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
     and the loss is `diffusion.loss` ('mse' or 'hybrid' = L_simple + vlb_weight N L_t) of the
-    output against `diffusion.prediction`'s target. Metrics: the mean MSE, the VLB term in
-    bits/dim (hybrid), and the loss in 4 timestep quartiles (`loss_by_t/0..3`).
+    output against `diffusion.prediction`'s target, each pixel's squared error weighted by
+    1 + lambda e with `diffusion.edge_weight` lambda > 0 (`D.edge_weights`). Metrics: the
+    mean MSE, the VLB term in bits/dim (hybrid), and the loss in 4 timestep quartiles
+    (`loss_by_t/0..3`).
     """
     t_key, noise_key = jax.random.split(rng)
     b = x0.shape[0]
@@ -65,6 +67,7 @@ def denoising_loss(
     share = diffusion.get(
         "timestep_uniform_share", ABSENT_MEANS["diffusion.timestep_uniform_share"]
     )
+    edge_weight = diffusion.get("edge_weight", ABSENT_MEANS["diffusion.edge_weight"])
     t = timesteps_for_training(t_key, b, sched.num_steps, power, share)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
@@ -80,6 +83,7 @@ def denoising_loss(
         variance=diffusion["variance"],
         loss=diffusion["loss"],
         vlb_weight=diffusion["vlb_weight"],
+        pixel_weights=D.edge_weights(x0, edge_weight) if edge_weight else None,
     )
     metrics = {k: jnp.mean(v) for k, v in losses.items() if k != "loss"}
     metrics["loss_by_t"] = D.timestep_bucket_means(losses["loss"], t, num_steps=sched.num_steps)
