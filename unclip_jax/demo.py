@@ -62,9 +62,12 @@ class Preset:
 # 150 s more; the config's 32 channels at each level (were 64) run 8,000 steps in that time:
 # 0.313 (position 0.67), 23:30 in all on an idle 2-core machine; with the config's pixel head
 # 0.389, 28:45 on a slow day for the machine; with the CLIP at lr 5e-4, 0.604 (README, "The
-# demo").
+# demo"). The upsampler's 1,000 steps (were 300; about 5 minutes more): on the same 450
+# decoder images (the edge-weighted decoder given the true z_i, 0.762 read at 32 px), all
+# five right 0.793 after it against 0.682 after 300 steps, which left grain and stray pixels
+# that moved the object's box (benchmarks/README.md, "Outlines weighted").
 PRESETS: dict[str, Preset] = {
-    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 8_000, "upsampler": 300}),
+    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 8_000, "upsampler": 1_000}),
     "quick": Preset(
         {"clip": 150, "prior": 100, "decoder": 240, "upsampler": 30},
         train_size=10_000,
