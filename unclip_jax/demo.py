@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
 # 450 decoder images (all five 0.216 at 32 px), 0.216 after 3 steps, 0.204 after 5 and 0.178
 # after 10 (position 0.458 against 0.509, size 0.849 against 0.896: more steps of a 300-step
 # upsampler move what the reader measures).
-# (The decoder's guidance against the empty caption is its config's, configs/decoder.py.)
+# (The decoder's guidance, 2 against the empty caption, is its config's: configs/decoder.py.)
 SAMPLING = {
     "prior": {"method": "ddim", "steps": "25"},
     "decoder": {"method": "ddim", "steps": "15"},
