@@ -33,14 +33,15 @@ def mean_over_example(x: Array) -> Array:
 
 
 # The local range (3 x 3, largest over channels) at which a pixel counts as wholly an edge: on
-# the [-1, 1] scale the weakest contrast of `shapes` (blue on gray) is about 0.7.
+# the [-1, 1] scale the weakest contrast of `shapes` (purple on gray, 68 / 127.5) is about 0.53.
 EDGE_RANGE = 0.5
 
 
 def edge_map(x0: Array) -> Array:
     """(B, H, W, 1) edge indicator of clean images (B, H, W, C) in [-1, 1]: the 3 x 3 local
     range (max minus min), largest over channels, over `EDGE_RANGE`, capped at 1. Flat regions
-    read 0, both sides of an outline 1."""
+    read 0, both sides of an outline 1 (an outline of less contrast than `EDGE_RANGE`, or an
+    anti-aliased one, a fraction)."""
     if x0.ndim != 4:
         raise ValueError(f"edge weights need images (B, H, W, C), got shape {x0.shape}")
     window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
@@ -148,7 +149,9 @@ def diffusion_loss(
     trains the variance. `pixel_weights` (broadcasting against x0, e.g. `edge_weights`) weigh
     the squared error of the target (not the VLB term).
 
-    Returns {'loss', 'mse'} and, for 'hybrid', 'vlb' (L_t in bits/dim), each of shape (B,).
+    Returns {'loss', 'mse'} and, for 'hybrid', 'vlb' (L_t in bits/dim), each of shape (B,);
+    with `pixel_weights`, 'mse' is the weighted squared error (runs of other weights log MSEs
+    that do not compare).
     """
     check_choice("loss", loss, LOSSES)
     check_choice("variance", variance, VARIANCES)
