@@ -241,30 +241,24 @@ def test_edge_weights_keep_flat_pixels_at_one_and_give_outlines_one_plus_lambda(
 
 
 def test_pixel_weights_weigh_the_squared_error_but_not_the_vlb():
-    x0 = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1)
-    noise = jax.random.normal(jax.random.key(1), x0.shape)
-    t = jnp.array([10, 500])
-    x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=SCHED)
-    output = jax.random.normal(jax.random.key(2), (2, 4, 4, 6))
-    common = dict(
-        output=output,
+    x0, noise, t, x_t, pred, var_values = _case(250, batch=2, dim=8)
+    kw = dict(
+        output=jnp.concatenate([pred, var_values], axis=-1),
         x0=x0,
         x_t=x_t,
         noise=noise,
         t=t,
         sched=SCHED,
-        prediction="v",
+        prediction="eps",
         variance="learned_range",
         loss="hybrid",
     )
-    plain = D.diffusion_loss(**common)
-    weights = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(2.0)  # mean 1: the top half counts twice
-    weighted = D.diffusion_loss(**common, pixel_weights=weights)
+    plain = D.diffusion_loss(**kw)
+    weights = jnp.zeros((2, 8)).at[:, :4].set(2.0)  # mean 1: the first half counts twice
+    weighted = D.diffusion_loss(**kw, pixel_weights=weights)
     np.testing.assert_allclose(weighted["vlb"], plain["vlb"])
-    pred, _ = D.split_output(output, variance="learned_range")
-    target = D.training_target(prediction="v", x0=x0, eps=noise, t=t, sched=SCHED)
-    top = jnp.mean(jnp.square(target - pred)[:, :2], axis=(1, 2, 3))
-    np.testing.assert_allclose(weighted["mse"], top, rtol=1e-5)
+    first = jnp.mean(jnp.square(noise - pred)[:, :4], axis=1)  # eps is the target
+    np.testing.assert_allclose(weighted["mse"], first, rtol=1e-5)
 
 
 def test_the_denoising_loss_weighs_outline_pixels_by_the_configs_edge_weight():
