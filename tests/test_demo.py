@@ -7,7 +7,8 @@ import shutil
 
 from unclip_jax.cli import main
 from unclip_jax.data.shapes import ATTRIBUTES
-from unclip_jax.demo import DEMO_STAGES
+from unclip_jax.demo import DEMO_STAGES, PRESETS, stage_configs
+from unclip_jax.training.upsampler_stage import upsampler_scale
 
 
 def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path, capfd):
@@ -46,3 +47,15 @@ def test_the_demo_runs_every_stage_and_a_rerun_does_nothing_again(tmp_path, capf
     err = capfd.readouterr().err
     assert "demo stage embed failed" in err and os.path.join("logs", "embed.log") in err
     assert "clip/config.json: not JSON" in err
+
+
+def test_the_full_and_quick_presets_build_valid_configs_with_quarter_crops(tmp_path):
+    # The `shapes` presets only run for minutes outside the tests: their configs must at least
+    # load and pass the stages' own checks, the upsampler on crops of 1/4 of its resolution.
+    for preset in ("full", "quick"):
+        configs = stage_configs(str(tmp_path), preset, {})
+        upsampler = configs["upsampler"]
+        assert upsampler_scale(upsampler) == 2
+        assert upsampler.train_crop * 4 == upsampler.model.resolution == 64
+        for stage, config in configs.items():
+            assert config.train.steps == PRESETS[preset].steps[stage], (preset, stage)
