@@ -153,11 +153,12 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
         # half the pixels of the 32 px crops of 16 it took before, so 1,000 steps in 244 s
         # against 487 s, and on the same 450 decoder images all five right 0.793 after both
         # (benchmarks/README.md, "The upsampler on quarter crops").
+        resolution = 64
         extra["upsampler"].update(
             {
-                "model.resolution": 64,
-                "data.resolution": 64,
-                "train_crop": 16,
+                "model.resolution": resolution,
+                "data.resolution": resolution,
+                "train_crop": resolution // 4,
                 "train.batch_size": 32,
             }
         )
