@@ -469,3 +469,47 @@ def test_a_pixel_head_starts_as_the_patched_unet_and_then_corrects_it():
     assert float(jnp.max(jnp.abs(out - plain.apply({"params": unheaded}, x, t)))) > 1e-3
     with pytest.raises(ValueError, match=r"pixel_head .* needs patch_size > 1"):
         UNet(in_channels=3, out_channels=6, pixel_head=8, **TINY).init(key(0), x[:1], t[:1])
+
+
+@pytest.mark.parametrize(
+    "groups,channels,dtype", [(8, 16, jnp.float32), (16, 16, jnp.float32), (4, 16, jnp.bfloat16)]
+)
+def test_group_norm_matches_flax_group_norm_with_the_same_params(groups, channels, dtype):
+    # Our GroupNorm replaces flax's for speed: same params (names, shapes, logical axes), same
+    # outputs and gradients, so checkpoints and Karlo imports are unaffected.
+    from unclip_jax.models.layers import GroupNorm
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, channels)) * 3.0 + 1.5
+    ours = GroupNorm(num_groups=groups, dtype=dtype)
+    theirs = nn.GroupNorm(num_groups=groups, dtype=dtype)
+    boxed = ours.init(jax.random.key(1), x)["params"]
+    assert {k: v.names for k, v in boxed.items()} == {"scale": ("norm",), "bias": ("norm",)}
+    params = {
+        "scale": jax.random.normal(jax.random.key(2), (channels,)),
+        "bias": jax.random.normal(jax.random.key(3), (channels,)),
+    }
+    assert jax.tree.map(jnp.shape, nn.unbox(boxed)) == jax.tree.map(
+        jnp.shape, theirs.init(jax.random.key(1), x)["params"]
+    )
+    y = ours.apply({"params": params}, x.astype(dtype))
+    want = theirs.apply({"params": params}, x.astype(dtype))
+    assert y.dtype == want.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2  # bf16 keeps 8 bits of mantissa
+    np.testing.assert_allclose(np.float32(y), np.float32(want), atol=tol * 4, rtol=tol)
+
+    def grads(module):
+        def loss(p, x):
+            return jnp.sum(jnp.sin(module.apply({"params": p}, x).astype(jnp.float32)))
+
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    if dtype == jnp.float32:
+        for g, w in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs)), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_group_norm_names_the_layer_whose_channels_do_not_split():
+    from unclip_jax.models.layers import GroupNorm
+
+    with pytest.raises(ValueError, match=r"GroupNorm norm1: 12 channels .* 8 groups"):
+        GroupNorm(num_groups=8, name="norm1").init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))

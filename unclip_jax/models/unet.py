@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.models.layers import dense, layer_norm, torch_default_init
+from unclip_jax.models.layers import GroupNorm, dense, layer_norm, torch_default_init
 
 Array = jax.Array
 
@@ -95,16 +95,8 @@ def _conv(
     )
 
 
-def _group_norm(num_groups: int, eps: float, *, name: str, dtype: Any) -> nn.GroupNorm:
-    # Statistics are reduced in float32 whatever `dtype` is (flax's default).
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=eps,
-        dtype=dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name,
-    )
+def _group_norm(num_groups: int, eps: float, *, name: str, dtype: Any) -> GroupNorm:
+    return GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def timestep_embedding(
