@@ -40,6 +40,10 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         coord_channels=False,  # (y, x) input channels, a position signal (not in the paper)
         patch_size=1,  # U-Net on patch_size^2 pixels stacked on channels (not in the paper)
         pixel_head=0,  # channels of a full-resolution head after a patched U-Net (0: none)
+        # Self-conditioning (Chen et al. 2022, "Analog Bits"; not in the paper): the U-Net reads
+        # its previous step's x0 estimate next to x_t (trained on its own no-gradient estimate
+        # half the time, zeros otherwise); no DDIM inversion then.
+        self_condition=False,
         clip_dim=128,  # the conditioning CLIP's embedding width (checked against clip.dir)
         # z_i scaled to unit norm: the space the priors sample in (CLIP compares embeddings by
         # cosine). False feeds CLIP's raw image_embeds, as Karlo's decoder was trained.

@@ -375,3 +375,40 @@ def test_z_i_norm_scales_unit_z_i_and_a_bad_norm_is_refused(clip_dir, data_dir):
             z_i(**bad)
     assert config("decoder", "shapes").model.z_i_norm == pytest.approx(4 * 128**0.5)
     assert config("decoder", "paper").model.z_i_norm == 1.0
+
+
+def test_a_self_conditioned_decoder_trains_samples_and_refuses_inversion(clip_dir, data_dir):
+    from unclip_jax.sampling import decoder_inverter
+
+    c = config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir})
+    c.model.self_condition = True
+    stage, batch, params = _stage_and_batch(c)
+    assert params["unet"]["conv_in"]["kernel"].shape[2] == 6  # [x_t ; x0_prev]
+    tx = optax.adam(3e-3)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(1)),
+    )
+    step = jax.jit(make_train_step(stage.loss_fn, tx, ema_decay=0.0))
+    probe = jax.jit(stage.loss_fn)
+    _, before = probe(params, batch, jax.random.key(7), stage.frozen)
+    for _ in range(12):
+        state, _ = step(state, batch, stage.frozen)
+    _, after = probe(state.params, batch, jax.random.key(7), stage.frozen)
+    assert float(after["mse"]) < 0.8 * float(before["mse"])
+
+    decoder = decoder_from_config(c.model.to_dict())
+    sampling = {**c.sampling.to_dict(), "guidance_scale": 1.0}
+    sampler = decoder_sampler(decoder, c.diffusion, sampling, resolution=16)
+    cond = {
+        "z_i": jnp.ones((2, 16)),
+        "input_ids": jnp.zeros((2, 16), jnp.int32),
+        "text_mask": jnp.ones((2, 16), bool),
+    }
+    images = np.asarray(sampler(state.ema_params, cond, jax.random.key(0)))
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="inversion of a self-conditioned decoder"):
+        decoder_inverter(decoder, c.diffusion, sampling)

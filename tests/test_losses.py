@@ -278,3 +278,45 @@ def test_the_denoising_loss_weighs_outline_pixels_by_the_configs_edge_weight():
     assert float(loss(0.0)[0]) == pytest.approx(1.0)
     # Mean over both examples of mean(1 + 4 e): the flat one 1, the other 1 + 4 mean(e).
     assert float(loss(4.0)[0]) == pytest.approx(1.0 + 2.0 * edges[1].mean(), rel=1e-6)
+
+
+def test_self_conditioning_feeds_half_the_rows_the_models_own_clipped_estimate():
+    seen = []
+
+    def apply(x_t, t):
+        seen.append(np.asarray(x_t))
+        return 3.0 * x_t[..., :3] + x_t[..., 3:]  # an x0 estimate partly outside [-1, 1]
+
+    x0 = jax.random.uniform(jax.random.key(1), (256, 2, 2, 3), minval=-1, maxval=1)
+    diffusion = diffusion_block(prediction="x0", variance="fixed_small", loss="mse")
+    denoising_loss(
+        apply, x0, jax.random.key(0), sched=SCHED, diffusion=diffusion, self_condition=True
+    )
+    first, second = seen
+    assert first.shape == second.shape == (256, 2, 2, 6)
+    assert not first[..., 3:].any()  # the first pass sees no estimate
+    np.testing.assert_array_equal(second[..., :3], first[..., :3])  # the same x_t
+    estimate = np.clip(3.0 * first[..., :3], -1, 1)
+    fed = second[..., 3:]
+    zero = ~fed.reshape(256, -1).any(1)
+    np.testing.assert_allclose(fed[~zero], estimate[~zero], atol=1e-6)
+    assert 0.4 < zero.mean() < 0.6  # half of them, within 3 s.e. (0.03) of a coin's
+
+
+def test_no_gradient_flows_through_the_self_conditioning_estimate():
+    # The estimate fed to the second pass is w x_t (clipped): the loss's gradient in w must be
+    # the one with that estimate held constant.
+    x0 = jax.random.uniform(jax.random.key(1), (8, 2, 2, 3), minval=-1, maxval=1)
+    diffusion = diffusion_block(prediction="x0", variance="fixed_small", loss="mse")
+
+    def loss(w, hold):
+        def apply(x_t, t):
+            estimate = x_t[..., 3:]
+            return w * x_t[..., :3] + (jax.lax.stop_gradient(estimate) if hold else estimate)
+
+        key = jax.random.key(0)
+        return denoising_loss(
+            apply, x0, key, sched=SCHED, diffusion=diffusion, self_condition=True
+        )[0]
+
+    np.testing.assert_allclose(jax.grad(loss)(0.5, False), jax.grad(loss)(0.5, True), rtol=1e-6)

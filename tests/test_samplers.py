@@ -229,3 +229,29 @@ def test_guidance_extrapolates_between_the_halves_in_one_model_call():
     )
     np.testing.assert_allclose(out, expected, atol=1e-6)
     assert calls == [6]  # both halves in one batched call
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_a_self_conditioned_sampler_feeds_back_each_steps_x0_estimate(method):
+    # The model predicts x0 = (the x0 it is fed) + 0.1, and sees zeros at the first step: after
+    # N steps its last estimate, which the last step returns, is N * 0.1.
+    sched = D.make_schedule("cosine", 1000, "ddim6")
+    fed = []
+
+    def model_fn(x, timesteps):
+        assert x.shape[-1] == 4  # [x_t ; x0_prev], 2 channels each
+        jax.debug.callback(lambda v: fed.append(float(v)), x[0, 2])
+        return x[..., 2:] + 0.1
+
+    out = D.sample(
+        model_fn=model_fn,
+        sched=sched,
+        x_T=jnp.ones((3, 2)),
+        key=jax.random.key(0),
+        method=method,
+        prediction="x0",
+        variance="fixed_small",
+        self_condition=True,
+    )
+    np.testing.assert_allclose(fed, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], atol=1e-6)
+    np.testing.assert_allclose(out, 0.6, atol=1e-6)

@@ -184,6 +184,7 @@ ABSENT_MEANS: dict[str, Any] = {
     "model.patch_size": 1,
     "model.coord_channels": False,
     "model.pixel_head": 0,
+    "model.self_condition": False,
 }
 
 

@@ -149,12 +149,15 @@ def sample(
     variance: str,
     clip: float | None = None,
     dynamic_threshold: float | None = None,
+    self_condition: bool = False,
 ) -> Array:
     """Runs the reverse process from x_T (step N-1) to x0 with DDPM or DDIM.
 
     `key` drives the per-step noise (folded in by step): one key, or one per row (each row's
     noise from its own key, `row_normal`); it may be None only for the deterministic DDIM with
-    eta = 0, which is the decode of `ddim_invert`.
+    eta = 0, which is the decode of `ddim_invert`. With `self_condition` the model reads
+    [x_t ; x0_prev] on channels, x0_prev the previous step's estimate of x0 (zeros at the
+    first step): self-conditioning (Chen et al. 2022, "Analog Bits"), as such a model trains.
     """
     check_choice("sampling method", method, METHODS)
     stochastic = method == "ddpm" or eta != 0.0
@@ -163,10 +166,12 @@ def sample(
     num_steps = sched.num_steps
     batch = x_T.shape[0]
 
-    def body(i: Array, x: Array) -> Array:
+    def body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        x, x0_prev = carry
         step = num_steps - 1 - i
         t = _step_index(step, batch)
-        output = model_fn(x, sched.timesteps[t])
+        inputs = jnp.concatenate([x, x0_prev], axis=-1) if self_condition else x
+        output = model_fn(inputs, sched.timesteps[t])
         noise = row_normal(fold_in(key, step), x.shape, x.dtype) if stochastic else None
         kwargs = dict(
             output=output,
@@ -179,12 +184,11 @@ def sample(
             dynamic_threshold=dynamic_threshold,
         )
         if method == "ddpm":
-            x_prev, _ = ddpm_step(noise=noise, **kwargs)
-        else:
-            x_prev, _ = ddim_step(noise=noise, eta=eta, **kwargs)
-        return x_prev
+            return ddpm_step(noise=noise, **kwargs)
+        return ddim_step(noise=noise, eta=eta, **kwargs)
 
-    return jax.lax.fori_loop(0, num_steps, body, x_T)
+    x0, _ = jax.lax.fori_loop(0, num_steps, body, (x_T, jnp.zeros_like(x_T)))
+    return x0
 
 
 def ddim_invert_step(*, eps: Array, x: Array, t: Array, sched: Schedule) -> Array:

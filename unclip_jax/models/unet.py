@@ -610,6 +610,11 @@ class Decoder(nn.Module):
     text_proj: DecoderConditioning
     caption_encoder: nn.Module | None = None
 
+    @property
+    def self_conditioned(self) -> bool:
+        """Whether the U-Net reads the previous x0 estimate next to x_t (6 input channels)."""
+        return self.unet.in_channels == 6
+
     @nn.compact
     def __call__(
         self,
@@ -625,7 +630,9 @@ class Decoder(nn.Module):
         drop_text: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
-        """x_t (B, H, W, 3), t (B,), z_i (B, D), the caption as above -> (B, H, W, out)."""
+        """x_t (B, H, W, 3), t (B,), z_i (B, D), the caption as above -> (B, H, W, out).
+
+        A self-conditioned decoder (`self_conditioned`) reads [x_t ; x0_prev] (B, H, W, 6)."""
         if text_mask is None:
             raise ValueError("the decoder needs text_mask (B, L), the valid caption tokens")
         if self.caption_encoder is not None:

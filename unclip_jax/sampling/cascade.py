@@ -414,13 +414,19 @@ class Cascade:
         )
         self._decoders: dict[str, Any] = {}  # samplers by their settings (`decode`)
         self._x0_predictor: Any = None  # `predict_x0`, built on first use
-        exact = inversion_sampling(self.settings["decoder"], c.diffusion.num_steps)
-        self._invert = decoder_inverter(
-            self.decoder,
-            c.diffusion,
-            exact,
-            fixed_point_iters=int(self.settings["decoder"].get("inversion_iters", INVERSION_ITERS)),
-        )
+        self._invert: Any = None  # `invert`, built on first use
+
+    def _inverter(self) -> Any:
+        if self._invert is None:  # raises for a decoder that cannot be inverted
+            c = self.decoder_weights.config
+            settings = self.settings["decoder"]
+            self._invert = decoder_inverter(
+                self.decoder,
+                c.diffusion,
+                inversion_sampling(settings, c.diffusion.num_steps),
+                fixed_point_iters=int(settings.get("inversion_iters", INVERSION_ITERS)),
+            )
+        return self._invert
 
     def _build_prior(self) -> None:
         self.prior_kind = None
@@ -638,7 +644,7 @@ class Cascade:
         """DDIM inversion x0 -> x_T of decoder-resolution images in [-1, 1] on `cond`."""
         cond = self._with_uncond(cond, self.settings["decoder"])
         with self.context():
-            return self._invert(self.decoder_params, cond, x0)
+            return self._inverter()(self.decoder_params, cond, x0)
 
     def _with_uncond(self, cond: Mapping[str, Array], settings: Mapping[str, Any]) -> Any:
         """`cond` with the empty caption's encoding as `uncond` when the decoder's guidance

@@ -58,6 +58,7 @@ def _sample(
     key: Array,
     diffusion: Mapping[str, Any],
     sampling: Mapping[str, Any],
+    self_condition: bool = False,
 ) -> Array:
     return D.sample(
         model_fn=model_fn,
@@ -71,6 +72,7 @@ def _sample(
         variance=diffusion["variance"],
         clip=sampling.get("clip_x0") or None,
         dynamic_threshold=sampling.get("dynamic_threshold") or None,
+        self_condition=self_condition,
     )
 
 
@@ -236,7 +238,7 @@ def decoder_sampler(
         if x_T is None:
             x_T = D.row_normal(noise_key, (batch, resolution, resolution, 3))
         model_fn = _decoder_model_fn(decoder, params, cond, sampling=sampling, variance=variance)
-        return _sample(model_fn, x_T, loop_key, diffusion, sampling)
+        return _sample(model_fn, x_T, loop_key, diffusion, sampling, decoder.self_conditioned)
 
     return fn
 
@@ -256,6 +258,11 @@ def decoder_inverter(
     fixed-point refinement of each step (`diffusion.ddim_invert`) makes it exact up to the
     iteration's convergence.
     """
+    if decoder.self_conditioned:
+        raise ValueError(
+            "DDIM inversion of a self-conditioned decoder (model.self_condition) is not "
+            "supported: its steps read the previous x0 estimate, which inversion does not have"
+        )
     sched = sampling_schedule(diffusion, sampling)
 
     @jax.jit
@@ -295,7 +302,11 @@ def decoder_x0_predictor(
         model_fn = _decoder_model_fn(
             decoder, params, cond, sampling=sampling, variance=diffusion["variance"]
         )
-        pred, _ = D.split_output(model_fn(x_t, t), variance=diffusion["variance"])
+        # A self-conditioned decoder's first step: no previous estimate (zeros).
+        inputs = (
+            jnp.concatenate([x_t, jnp.zeros_like(x_t)], -1) if decoder.self_conditioned else x_t
+        )
+        pred, _ = D.split_output(model_fn(inputs, t), variance=diffusion["variance"])
         return D.predict_x0(
             prediction=diffusion["prediction"], pred=pred, x_t=x_t, t=t, sched=sched
         )

@@ -198,7 +198,12 @@ def _decoder_step(
             )
 
         return denoising_loss(
-            apply, batch["image"], diffusion_key, sched=sched, diffusion=config.diffusion
+            apply,
+            batch["image"],
+            diffusion_key,
+            sched=sched,
+            diffusion=config.diffusion,
+            self_condition=decoder.self_conditioned,
         )
 
     init_params = functools.partial(init_module, decoder, decoder_example_inputs(model_config))

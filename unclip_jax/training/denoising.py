@@ -48,6 +48,7 @@ def denoising_loss(
     *,
     sched: D.Schedule,
     diffusion: Mapping[str, Any],
+    self_condition: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """(mean loss, metrics) of the model `apply(x_t, t) -> output` on clean data x0.
 
@@ -59,6 +60,11 @@ def denoising_loss(
     1 + lambda e with `diffusion.edge_weight` lambda > 0 (`D.edge_weights`). Metrics: the
     mean MSE, the VLB term in bits/dim (hybrid), and the loss in 4 timestep quartiles
     (`loss_by_t/0..3`).
+
+    With `self_condition` the model reads [x_t ; s] on channels (Chen et al. 2022, "Analog
+    Bits"): s = 0 for half the examples, and for the other half the model's own estimate of
+    x0 from [x_t ; 0], clipped to [-1, 1] as the sampler clips it and with no gradient
+    through it, which is what `D.sample(self_condition=True)` feeds back at each step.
     """
     t_key, noise_key = jax.random.split(rng)
     b = x0.shape[0]
@@ -71,7 +77,10 @@ def denoising_loss(
     t = timesteps_for_training(t_key, b, sched.num_steps, power, share)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
+    if self_condition:
+        x_t = jnp.concatenate([x_t, _self_condition(apply, x_t, t, rng, sched, diffusion)], -1)
     output = apply(x_t, t).astype(jnp.float32)
+    x_t = x_t[..., : x0.shape[-1]]
     losses = D.diffusion_loss(
         output=output,
         x0=x0,
@@ -88,3 +97,23 @@ def denoising_loss(
     metrics = {k: jnp.mean(v) for k, v in losses.items() if k != "loss"}
     metrics["loss_by_t"] = D.timestep_bucket_means(losses["loss"], t, num_steps=sched.num_steps)
     return jnp.mean(losses["loss"]), metrics
+
+
+def _self_condition(
+    apply: Callable[[Array, Array], Array],
+    x_t: Array,
+    t: Array,
+    rng: Array,
+    sched: D.Schedule,
+    diffusion: Mapping[str, Any],
+) -> Array:
+    """The self-conditioning input of one training batch: per example, with probability 1/2
+    the model's x0 estimate from [x_t ; 0] (clipped to [-1, 1], no gradient), else 0."""
+    zeros = jnp.zeros_like(x_t)
+    first = jax.lax.stop_gradient(apply(jnp.concatenate([x_t, zeros], -1), t)).astype(x_t.dtype)
+    pred, _ = D.split_output(first, variance=diffusion["variance"])
+    x0_hat = D.predict_x0(prediction=diffusion["prediction"], pred=pred, x_t=x_t, t=t, sched=sched)
+    # Its own key (fold_in 2): a run without self-conditioning draws t and eps as before.
+    use = jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5, (x_t.shape[0],))
+    rows = use.reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return jnp.where(rows, D.clip_x0(x0_hat, clip=1.0), zeros)
