@@ -164,14 +164,8 @@ def _stage_and_batch(c):
     return stage, batch, params
 
 
-@pytest.mark.parametrize("text_encoder", ["transformer", "clip"])
-def test_a_few_decoder_steps_on_a_shapes_batch_lower_the_loss(clip_dir, data_dir, text_encoder):
-    overrides = {"clip.dir": clip_dir, "data.data_dir": data_dir}
-    if text_encoder == "clip":  # Karlo's way: the CLIP's own text states (width 32)
-        overrides.update({"model.text_encoder": "clip", "model.text_width": 32})
-    c = config("decoder", **overrides)
-    stage, batch, params = _stage_and_batch(c)
-    assert batch["image"].shape == (8, 16, 16, 3)  # 32 px shapes resized to the model's 16
+def _adam_steps(stage, params):
+    """(a fresh TrainState of `params`, a jitted Adam 3e-3 step of the stage's loss, no EMA)."""
     tx = optax.adam(3e-3)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -180,7 +174,18 @@ def test_a_few_decoder_steps_on_a_shapes_batch_lower_the_loss(clip_dir, data_dir
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(1)),
     )
-    step = jax.jit(make_train_step(stage.loss_fn, tx, ema_decay=0.0))
+    return state, jax.jit(make_train_step(stage.loss_fn, tx, ema_decay=0.0))
+
+
+@pytest.mark.parametrize("text_encoder", ["transformer", "clip"])
+def test_a_few_decoder_steps_on_a_shapes_batch_lower_the_loss(clip_dir, data_dir, text_encoder):
+    overrides = {"clip.dir": clip_dir, "data.data_dir": data_dir}
+    if text_encoder == "clip":  # Karlo's way: the CLIP's own text states (width 32)
+        overrides.update({"model.text_encoder": "clip", "model.text_width": 32})
+    c = config("decoder", **overrides)
+    stage, batch, params = _stage_and_batch(c)
+    assert batch["image"].shape == (8, 16, 16, 3)  # 32 px shapes resized to the model's 16
+    state, step = _adam_steps(stage, params)
     frozen = stage.frozen
     probe = jax.jit(stage.loss_fn)  # one fixed (t, noise, drops) draw to compare params on
     key = jax.random.key(7)
@@ -377,28 +382,18 @@ def test_z_i_norm_scales_unit_z_i_and_a_bad_norm_is_refused(clip_dir, data_dir):
     assert config("decoder", "paper").model.z_i_norm == 1.0
 
 
-def test_a_self_conditioned_decoder_trains_samples_and_refuses_inversion(clip_dir, data_dir):
+def test_a_self_conditioned_decoder_reads_six_channels_samples_and_refuses_inversion(
+    clip_dir, data_dir
+):
     from unclip_jax.sampling import decoder_inverter
 
     c = config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir})
     c.model.self_condition = True
     stage, batch, params = _stage_and_batch(c)
     assert params["unet"]["conv_in"]["kernel"].shape[2] == 6  # [x_t ; x0_prev]
-    tx = optax.adam(3e-3)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(1)),
-    )
-    step = jax.jit(make_train_step(stage.loss_fn, tx, ema_decay=0.0))
-    probe = jax.jit(stage.loss_fn)
-    _, before = probe(params, batch, jax.random.key(7), stage.frozen)
-    for _ in range(12):
-        state, _ = step(state, batch, stage.frozen)
-    _, after = probe(state.params, batch, jax.random.key(7), stage.frozen)
-    assert float(after["mse"]) < 0.8 * float(before["mse"])
+    loss, metrics = jax.jit(stage.loss_fn)(params, batch, jax.random.key(7), stage.frozen)
+    assert np.isfinite(float(loss)) and float(metrics["mse"]) > 0
+    # (How the estimate is fed in training and sampling: tests/test_losses.py, test_samplers.py.)
 
     decoder = decoder_from_config(c.model.to_dict())
     sampling = {**c.sampling.to_dict(), "guidance_scale": 1.0}
@@ -408,7 +403,7 @@ def test_a_self_conditioned_decoder_trains_samples_and_refuses_inversion(clip_di
         "input_ids": jnp.zeros((2, 16), jnp.int32),
         "text_mask": jnp.ones((2, 16), bool),
     }
-    images = np.asarray(sampler(state.ema_params, cond, jax.random.key(0)))
+    images = np.asarray(sampler(params, cond, jax.random.key(0)))
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     with pytest.raises(ValueError, match="inversion of a self-conditioned decoder"):
         decoder_inverter(decoder, c.diffusion, sampling)
