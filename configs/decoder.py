@@ -42,7 +42,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         pixel_head=0,  # channels of a full-resolution head after a patched U-Net (0: none)
         # Self-conditioning (Chen et al. 2022, "Analog Bits"; not in the paper): the U-Net reads
         # its previous step's x0 estimate next to x_t (trained on its own no-gradient estimate
-        # half the time, zeros otherwise); no DDIM inversion then.
+        # half the time, zeros otherwise); no DDIM inversion then. Off in every variant: the
+        # `shapes` decoder drew no more small squares with it, for 1.3x the step
+        # (benchmarks/README.md, "Self-conditioning, and attention at 16 px").
         self_condition=False,
         clip_dim=128,  # the conditioning CLIP's embedding width (checked against clip.dir)
         # z_i scaled to unit norm: the space the priors sample in (CLIP compares embeddings by
