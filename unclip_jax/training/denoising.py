@@ -77,10 +77,11 @@ def denoising_loss(
     t = timesteps_for_training(t_key, b, sched.num_steps, power, share)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
+    model_input = x_t
     if self_condition:
-        x_t = jnp.concatenate([x_t, _self_condition(apply, x_t, t, rng, sched, diffusion)], -1)
-    output = apply(x_t, t).astype(jnp.float32)
-    x_t = x_t[..., : x0.shape[-1]]
+        estimate = _self_condition(apply, x_t, t, rng, sched, diffusion)
+        model_input = jnp.concatenate([x_t, estimate], -1)
+    output = apply(model_input, t).astype(jnp.float32)
     losses = D.diffusion_loss(
         output=output,
         x0=x0,
