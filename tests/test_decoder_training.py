@@ -26,7 +26,7 @@ from unclip_jax.models.builders import (
 )
 from unclip_jax.models.clip import OPENAI_VIT_L14, ClipConfig, TextConfig, VisionConfig
 from unclip_jax.models.unet import count_params
-from unclip_jax.sampling import decoder_sampler, upsampler_sampler
+from unclip_jax.sampling import decoder_inverter, decoder_sampler, upsampler_sampler
 from unclip_jax.training.decoder_stage import check_clip_fits
 from unclip_jax.training.loop import train_and_evaluate
 from unclip_jax.training.metrics import read_metrics
@@ -385,8 +385,6 @@ def test_z_i_norm_scales_unit_z_i_and_a_bad_norm_is_refused(clip_dir, data_dir):
 def test_a_self_conditioned_decoder_reads_six_channels_samples_and_refuses_inversion(
     clip_dir, data_dir
 ):
-    from unclip_jax.sampling import decoder_inverter
-
     c = config("decoder", **{"clip.dir": clip_dir, "data.data_dir": data_dir})
     c.model.self_condition = True
     stage, batch, params = _stage_and_batch(c)

@@ -40,6 +40,7 @@ from unclip_jax.diffusion.samplers import (
     is_key_batch,
     row_normal,
     sample,
+    self_conditioning_input,
 )
 from unclip_jax.diffusion.schedules import (
     SCHEDULES,
@@ -92,6 +93,7 @@ __all__ = [
     "row_normal",
     "sample",
     "schedule_from_betas",
+    "self_conditioning_input",
     "space_timesteps",
     "split_output",
     "timestep_bucket_means",

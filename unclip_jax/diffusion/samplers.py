@@ -60,6 +60,14 @@ def row_normal(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float3
     return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
 
 
+def self_conditioning_input(x_t: Array, estimate: Array | None = None) -> Array:
+    """[x_t ; estimate] on channels, the input of a self-conditioned model (Chen et al. 2022,
+    "Analog Bits"); no estimate (a first step) is zeros."""
+    if estimate is None:
+        estimate = jnp.zeros_like(x_t)
+    return jnp.concatenate([x_t, estimate.astype(x_t.dtype)], axis=-1)
+
+
 def ddpm_step(
     *,
     output: Array,
@@ -170,7 +178,7 @@ def sample(
         x, x0_prev = carry
         step = num_steps - 1 - i
         t = _step_index(step, batch)
-        inputs = jnp.concatenate([x, x0_prev], axis=-1) if self_condition else x
+        inputs = self_conditioning_input(x, x0_prev) if self_condition else x
         output = model_fn(inputs, sched.timesteps[t])
         noise = row_normal(fold_in(key, step), x.shape, x.dtype) if stochastic else None
         kwargs = dict(
@@ -187,8 +195,8 @@ def sample(
             return ddpm_step(noise=noise, **kwargs)
         return ddim_step(noise=noise, eta=eta, **kwargs)
 
-    x0, _ = jax.lax.fori_loop(0, num_steps, body, (x_T, jnp.zeros_like(x_T)))
-    return x0
+    x, _ = jax.lax.fori_loop(0, num_steps, body, (x_T, jnp.zeros_like(x_T)))
+    return x
 
 
 def ddim_invert_step(*, eps: Array, x: Array, t: Array, sched: Schedule) -> Array:

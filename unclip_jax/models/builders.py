@@ -76,8 +76,7 @@ def decoder_from_config(
         )
     return Decoder(
         unet=UNet(
-            # x_t, and with self-conditioning the previous x0 estimate (`Decoder`).
-            in_channels=6 if decoder_self_conditioned(model) else 3,
+            in_channels=decoder_input_channels(model),
             out_channels=6,
             attention_resolutions=tuple(model["attention_resolutions"]),
             head_channels=model["head_channels"],
@@ -99,16 +98,17 @@ def decoder_from_config(
     )
 
 
-def decoder_self_conditioned(model: Mapping[str, Any]) -> bool:
-    """Whether a decoder model block's U-Net reads [x_t ; x0_prev] (`model.self_condition`)."""
-    return bool(model.get("self_condition", ABSENT_MEANS["model.self_condition"]))
+def decoder_input_channels(model: Mapping[str, Any]) -> int:
+    """The decoder U-Net's input channels: x_t's 3, and with `model.self_condition` the
+    previous x0 estimate's 3 (`Decoder.self_conditioned`)."""
+    return 6 if model.get("self_condition", ABSENT_MEANS["model.self_condition"]) else 3
 
 
 def decoder_example_inputs(model: Mapping[str, Any], batch: int = 1) -> dict[str, Array]:
     """Zero inputs of the decoder's sizes (for `init` and shape checks), as keyword args."""
     res, length = model["resolution"], model["text_tokens"]
     inputs = dict(
-        x=jnp.zeros((batch, res, res, 6 if decoder_self_conditioned(model) else 3)),
+        x=jnp.zeros((batch, res, res, decoder_input_channels(model))),
         t=jnp.zeros((batch,)),
         z_i=jnp.zeros((batch, model["clip_dim"])),
         text_mask=jnp.ones((batch, length), bool),

@@ -303,9 +303,7 @@ def decoder_x0_predictor(
             decoder, params, cond, sampling=sampling, variance=diffusion["variance"]
         )
         # A self-conditioned decoder's first step: no previous estimate (zeros).
-        inputs = (
-            jnp.concatenate([x_t, jnp.zeros_like(x_t)], -1) if decoder.self_conditioned else x_t
-        )
+        inputs = D.self_conditioning_input(x_t) if decoder.self_conditioned else x_t
         pred, _ = D.split_output(model_fn(inputs, t), variance=diffusion["variance"])
         return D.predict_x0(
             prediction=diffusion["prediction"], pred=pred, x_t=x_t, t=t, sched=sched

@@ -79,8 +79,9 @@ def denoising_loss(
     x_t = D.q_sample(x0=x0, t=t, noise=noise, sched=sched)
     model_input = x_t
     if self_condition:
-        estimate = _self_condition(apply, x_t, t, rng, sched, diffusion)
-        model_input = jnp.concatenate([x_t, estimate], -1)
+        model_input = D.self_conditioning_input(
+            x_t, _self_condition(apply, x_t, t, rng, sched, diffusion)
+        )
     output = apply(model_input, t).astype(jnp.float32)
     losses = D.diffusion_loss(
         output=output,
@@ -110,11 +111,10 @@ def _self_condition(
 ) -> Array:
     """The self-conditioning input of one training batch: per example, with probability 1/2
     the model's x0 estimate from [x_t ; 0] (clipped to [-1, 1], no gradient), else 0."""
-    zeros = jnp.zeros_like(x_t)
-    first = jax.lax.stop_gradient(apply(jnp.concatenate([x_t, zeros], -1), t)).astype(x_t.dtype)
+    first = jax.lax.stop_gradient(apply(D.self_conditioning_input(x_t), t)).astype(x_t.dtype)
     pred, _ = D.split_output(first, variance=diffusion["variance"])
     x0_hat = D.predict_x0(prediction=diffusion["prediction"], pred=pred, x_t=x_t, t=t, sched=sched)
     # Its own key (fold_in 2): a run without self-conditioning draws t and eps as before.
     use = jax.random.bernoulli(jax.random.fold_in(rng, 2), 0.5, (x_t.shape[0],))
     rows = use.reshape((-1,) + (1,) * (x_t.ndim - 1))
-    return jnp.where(rows, D.clip_x0(x0_hat, clip=1.0), zeros)
+    return jnp.where(rows, D.clip_x0(x0_hat, clip=1.0), 0.0)
