@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 from typing import Any
 from unittest import mock
@@ -27,10 +28,12 @@ import numpy as np
 import optax
 from timing import median_seconds
 
-from configs.decoder import get_config
 from unclip_jax import diffusion as D
+from unclip_jax.config import load_config
 from unclip_jax.models import unet
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def flax_group_norm(num_groups: int, eps: float, *, name: str, dtype: Any) -> nn.GroupNorm:
@@ -90,7 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    model = get_config(args.config).model.to_dict()
+    model = load_config(f"{CONFIGS}/decoder.py:{args.config}", {}).model.to_dict()
     steps = {
         "ours": train_step(model, args.batch, unet._group_norm),
         "flax": train_step(model, args.batch, flax_group_norm),
