@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 
-from unclip_jax.cli import main
+from unclip_jax.cli import _set_cpu_xla_flags, main
 from unclip_jax.data.shapes import ATTRIBUTES
 from unclip_jax.demo import DEMO_STAGES, PRESETS, stage_configs
 from unclip_jax.training.upsampler_stage import upsampler_scale
@@ -59,3 +59,20 @@ def test_the_full_and_quick_presets_build_valid_configs_with_quarter_crops(tmp_p
         assert upsampler.train_crop * 4 == upsampler.model.resolution == 64
         for stage, config in configs.items():
             assert config.train.steps == PRESETS[preset].steps[stage], (preset, stage)
+            # Each stage runs on one CPU device per core (2 on the demo's machine): its
+            # batch must split evenly over them.
+            assert config.train.batch_size % 2 == 0, (preset, stage)
+
+
+def test_a_demo_stage_asks_for_its_cpu_devices_unless_the_user_chose_a_count(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    _set_cpu_xla_flags("decoder", cpu_devices=2)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_force_host_platform_device_count=2" in flags
+    assert "--xla_dump_to=/tmp/x" in flags and "--xla_cpu_experimental_ynn_fusion_type=" in flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    _set_cpu_xla_flags("clip", cpu_devices=2)
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    _set_cpu_xla_flags("clip")  # one device: JAX's default, no flag
+    assert os.environ["XLA_FLAGS"] == ""

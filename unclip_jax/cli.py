@@ -119,11 +119,16 @@ CPU_XLA_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _set_cpu_xla_flags(stage: str) -> None:
+def _set_cpu_xla_flags(stage: str, cpu_devices: int = 1) -> None:
+    """Puts the stage's CPU_XLA_FLAGS in XLA_FLAGS (before JAX starts) and, where
+    `cpu_devices` > 1, asks for that many CPU devices instead of JAX's one."""
     import os
 
     flags = os.environ.get("XLA_FLAGS", "")
-    for flag in CPU_XLA_FLAGS.get(stage, ()):
+    wanted = CPU_XLA_FLAGS.get(stage, ())
+    if cpu_devices > 1:
+        wanted += (f"--xla_force_host_platform_device_count={cpu_devices}",)
+    for flag in wanted:
         if flag.split("=")[0] not in flags:
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags
@@ -718,7 +723,7 @@ def _run_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     import logging
     import os
 
-    from unclip_jax.demo import parse_steps, run_demo, run_stage
+    from unclip_jax.demo import demo_cpu_devices, parse_steps, run_demo, run_stage
 
     if overrides:
         raise ConfigError("demo takes no --config overrides; use --steps STAGE=N")
@@ -731,7 +736,7 @@ def _run_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             return 0
         # One stage, in the process the demo started for it: its XLA flags before JAX starts,
         # its log in a file (the terminal keeps the progress bar).
-        _set_cpu_xla_flags(args.stage)
+        _set_cpu_xla_flags(args.stage, cpu_devices=demo_cpu_devices())
         log_dir = os.path.join(args.workdir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         logging.basicConfig(

@@ -97,6 +97,21 @@ SAMPLING = {
     "upsampler": {"method": "ddim", "steps": "3"},
 }
 SAMPLE_BATCH = 32
+
+
+def demo_cpu_devices() -> int:
+    """CPU devices each demo stage runs on: 2 where the process may use 2 cores or more.
+
+    One XLA CPU device runs most of a small model's ops (its elementwise and reduce fusions)
+    on one core and only the larger convolutions and matmuls on both; with one device per
+    core, each a half of every batch, both cores run every op. On 2 cores the decoder's train
+    step took 0.0455 s against 0.055 s on one device (4 devices: 0.062 s; benchmarks/README.md,
+    "One CPU device per core"). More than 2 was not measured; every demo batch (16 to 128
+    rows) splits in two."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 2 if (cores or 1) >= 2 else 1
+
+
 # Labelled real images that fit the evaluation's CLIP-feature attribute probe.
 PROBE_EXAMPLES = 5_000
 # Prompts of the grid: seen (colour, shape) pairs and the three held-out ones.
