@@ -84,8 +84,17 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling.guidance_min_t = 0
     # The dataset renders (shapes) or holds images at data.resolution; they are resized to
     # model.resolution for the decoder and to the CLIP's own size for z_i.
+    # data.cache keeps each decoded example in memory after its first read, so later epochs
+    # skip the PNG decoding (`data.pipeline.MemoizedSource`); the built-in shapes splits fit
+    # in RAM, a real dataset (the paper variants) does not.
     c.data = dict(
-        dataset="shapes", resolution=32, data_dir="", train_size=0, test_size=0, workers=0
+        dataset="shapes",
+        resolution=32,
+        data_dir="",
+        train_size=0,
+        test_size=0,
+        workers=0,
+        cache=True,
     )
     # Sample grids of the EMA model (guided, config.sampling) on the first `num` test captions,
     # every `every` steps and at the end, to WORKDIR/samples and TensorBoard (0: never).
@@ -219,7 +228,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             vocab_size=50257,
         )
         c.sampling.update(steps="250", guidance_scale=1.25)
-        c.data.update(dataset="image_text", resolution=64)
+        c.data.update(dataset="image_text", cache=False, resolution=64)
         c.samples.every = 10_000
         c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)
@@ -250,7 +259,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
             vocab_size=49408,
         )
         c.sampling.update(steps="25", method="karlo", guidance_scale=8.0, uncond_text="empty")
-        c.data.update(dataset="image_text", resolution=64)
+        c.data.update(dataset="image_text", cache=False, resolution=64)
         c.samples.every = 10_000
         c.train.update(steps=800_000, batch_size=2048, checkpoint_every=5_000, log_every=100)
         c.optim.update(lr=1.2e-4, warmup_steps=10_000, ema_decay=0.9999)

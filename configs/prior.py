@@ -52,7 +52,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling.uncond_text = "drop"
     # Embedding shards (`unclip-jax embed`, clip-retrieval or LAION npy + metadata): z_i and the
     # captions. The test shards feed the evaluation.
-    c.data = dict(embeddings_dir="", test_embeddings_dir="", workers=0)
+    c.data = dict(embeddings_dir="", test_embeddings_dir="", workers=0, cache=False)
     # Every `every` steps (and at the end) on `num_examples` test captions: cosine of the
     # sampled z_i with the true z_i, with z_t and with an unrelated caption's z_t, and top-1
     # retrieval of the true image among the test images (0: never).

@@ -17,6 +17,7 @@ from unclip_jax.data.image_text import build_image_text
 from unclip_jax.data.images import to_float
 from unclip_jax.data.pipeline import (
     DecodedSource,
+    MemoizedSource,
     image_caption,
     make_pipeline,
     open_dataset,
@@ -428,6 +429,43 @@ def test_the_iterator_resumes_with_worker_processes_too():
     )
     with pytest.raises(ValueError, match="saved with 1 worker processes and this pipeline has 0"):
         in_process.set_state(state)
+
+
+class _CountedReads(_Indices):
+    """_Indices with an image per example, counting the reads of the underlying source."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return {"i": np.int64(i), "image": np.full((2, 2, 3), i, np.uint8)}
+
+
+def test_a_memoized_source_reads_each_example_once_and_batches_as_the_source_does():
+    def pipeline(source):
+        return make_pipeline(
+            source,
+            global_batch_size=4,
+            seed=5,
+            transform=lambda e, rng: {**_noisy(e, rng), "image": e["image"]},
+            process_index=0,
+            process_count=1,
+            read_threads=1,
+        )
+
+    disk = _CountedReads(12)
+    memo = MemoizedSource(disk)
+    plain, cached = pipeline(_CountedReads(12)), pipeline(memo)
+    for _ in range(9):  # three epochs
+        want, got = next(plain), next(cached)
+        for key in ("i", "noise", "image"):
+            np.testing.assert_array_equal(got[key], want[key])
+    assert disk.reads == 12 and len(memo) == 12
+    # A transform that wrote into a kept example would change every later epoch: it fails.
+    with pytest.raises(ValueError, match="read-only"):
+        memo[3]["image"][0, 0, 0] = 255
 
 
 def test_pipeline_errors_name_the_problem():

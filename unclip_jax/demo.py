@@ -66,9 +66,13 @@ class Preset:
 # about a minute more than 300 steps on half crops): on the same 450 decoder images (the
 # edge-weighted decoder given the true z_i, 0.762 read at 32 px), all five right 0.793 after
 # them against 0.682 after 300 steps, which left grain and stray pixels that moved the
-# object's box (benchmarks/README.md, "Outlines weighted").
+# object's box (benchmarks/README.md, "Outlines weighted"). The decoder's 12,000 steps (were
+# 8,000): given the true z_i it drew all five right for 0.858 of 450 seen-pair prompts against
+# 0.778-0.796 (small squares 0.43 against 0.16-0.24); 16,000 read 0.898 (small squares 0.51)
+# but took the demo over 30 minutes on a fast day (benchmarks/README.md, "The decoder's
+# length, again", and "One CPU device per core, and the decoded examples kept").
 PRESETS: dict[str, Preset] = {
-    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 8_000, "upsampler": 1_000}),
+    "full": Preset({"clip": 1_200, "prior": 600, "decoder": 12_000, "upsampler": 1_000}),
     # --quick checks that every stage runs (its samples get the background right and little
     # else): 5:13 with 150 CLIP and 240 decoder steps and 108 prompts, over its 5 minutes,
     # most of it start-up and compiles; with 100, 200 and 96 (three full batches of

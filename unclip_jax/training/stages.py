@@ -120,11 +120,12 @@ def stage_pipeline(
     process_count: int,
 ) -> DataIterator:
     """A stage's `make_data`: this process's batches of `source` through `transform`, with the
-    config's global batch size, seed and `data.workers` (use with functools.partial)."""
-    from unclip_jax.data.pipeline import make_pipeline
+    config's global batch size, seed and `data.workers`, and with `data.cache` each example
+    kept in memory after its first read (use with functools.partial)."""
+    from unclip_jax.data.pipeline import MemoizedSource, make_pipeline
 
     return make_pipeline(
-        source,
+        MemoizedSource(source) if config.data.get("cache", False) else source,
         global_batch_size=config.train.batch_size,
         seed=config.train.seed,
         transform=transform,
