@@ -7,7 +7,7 @@ import shutil
 
 from unclip_jax.cli import _set_cpu_xla_flags, main
 from unclip_jax.data.shapes import ATTRIBUTES
-from unclip_jax.demo import DEMO_STAGES, PRESETS, stage_configs
+from unclip_jax.demo import DEMO_STAGES, PRESETS, demo_cpu_devices, stage_configs
 from unclip_jax.training.upsampler_stage import upsampler_scale
 
 
@@ -59,9 +59,11 @@ def test_the_full_and_quick_presets_build_valid_configs_with_quarter_crops(tmp_p
         assert upsampler.train_crop * 4 == upsampler.model.resolution == 64
         for stage, config in configs.items():
             assert config.train.steps == PRESETS[preset].steps[stage], (preset, stage)
-            # Each stage runs on one CPU device per core (2 on the demo's machine): its
-            # batch must split evenly over them.
-            assert config.train.batch_size % 2 == 0, (preset, stage)
+            # A U-Net stage runs on one CPU device per core (2 on the demo's machine): its
+            # batch must split evenly over them. The transformers keep JAX's one device.
+            assert config.train.batch_size % demo_cpu_devices(stage) == 0, (preset, stage)
+    assert demo_cpu_devices("clip") == demo_cpu_devices("prior") == 1
+    assert demo_cpu_devices("decoder") == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
 
 
 def test_a_demo_stage_asks_for_its_cpu_devices_unless_the_user_chose_a_count(monkeypatch):

@@ -736,7 +736,7 @@ def _run_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             return 0
         # One stage, in the process the demo started for it: its XLA flags before JAX starts,
         # its log in a file (the terminal keeps the progress bar).
-        _set_cpu_xla_flags(args.stage, cpu_devices=demo_cpu_devices())
+        _set_cpu_xla_flags(args.stage, cpu_devices=demo_cpu_devices(args.stage))
         log_dir = os.path.join(args.workdir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         logging.basicConfig(

@@ -103,15 +103,22 @@ SAMPLING = {
 SAMPLE_BATCH = 32
 
 
-def demo_cpu_devices() -> int:
-    """CPU devices each demo stage runs on: 2 where the process may use 2 cores or more.
+# The demo stages that run a U-Net, whose many small ops one XLA CPU device runs on one core.
+UNET_STAGES = ("decoder", "upsampler", "sample")
 
-    One XLA CPU device runs most of a small model's ops (its elementwise and reduce fusions)
-    on one core and only the larger convolutions and matmuls on both; with one device per
-    core, each a half of every batch, both cores run every op. On 2 cores the decoder's train
-    step took 0.0455 s against 0.055 s on one device (4 devices: 0.062 s; benchmarks/README.md,
-    "One CPU device per core"). More than 2 was not measured; every demo batch (16 to 128
-    rows) splits in two."""
+
+def demo_cpu_devices(stage: str) -> int:
+    """CPU devices a demo stage runs on: 2 for the U-Net stages where the process may use 2
+    cores or more, else JAX's one.
+
+    One XLA CPU device runs a small U-Net's larger convolutions on both cores but most of its
+    fusions (the GroupNorm reductions, the elementwise ops) on one; with one device per core,
+    each a half of every batch, both cores run every op: the decoder's train step took 0.0455 s
+    against 0.055 s on one device (4 devices: 0.062 s). The transformers (CLIP, its embedding
+    pass, the prior) already keep both cores busy on one device: the CLIP stage ran 5.0-5.3
+    steps/s on two against 6.2 on one (benchmarks/README.md, "One CPU device per core")."""
+    if stage not in UNET_STAGES:
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return 2 if (cores or 1) >= 2 else 1
 
