@@ -114,9 +114,10 @@ def demo_cpu_devices(stage: str) -> int:
     One XLA CPU device runs a small U-Net's larger convolutions on both cores but most of its
     fusions (the GroupNorm reductions, the elementwise ops) on one; with one device per core,
     each a half of every batch, both cores run every op: the decoder's train step took 0.0455 s
-    against 0.055 s on one device (4 devices: 0.062 s). The transformers (CLIP, its embedding
-    pass, the prior) already keep both cores busy on one device: the CLIP stage ran 5.0-5.3
-    steps/s on two against 6.2 on one (benchmarks/README.md, "One CPU device per core")."""
+    against 0.055 s on one device (4 devices: 0.062 s), and the demo's sample stage took 43 s
+    against 65. The transformers (CLIP, its embedding pass, the prior) keep both cores busy on
+    one device: in interleaved runs the CLIP stage ran 4.8-5.4 steps/s on two devices and
+    4.9-5.2 on one (benchmarks/README.md, "One CPU device per core")."""
     if stage not in UNET_STAGES:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
