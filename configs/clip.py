@@ -7,7 +7,13 @@ what Karlo and the public reproductions use; load it with `convert`).
 
 import ml_collections
 
-from unclip_jax.config import mesh_block, optim_block, train_block, unknown_variant
+from unclip_jax.config import (
+    image_data_block,
+    mesh_block,
+    optim_block,
+    train_block,
+    unknown_variant,
+)
 
 VARIANTS = ("tiny", "shapes", "paper", "karlo")
 
@@ -40,18 +46,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         tokenizer_captions=10_000,
     )
     # train_size / test_size pick a `shapes` build (0: the default 50,000 / 5,400).
-    # data.cache keeps each decoded example in memory after its first read, so later epochs
-    # skip the PNG decoding (`data.pipeline.MemoizedSource`); the built-in shapes splits fit
-    # in RAM, a real dataset (the paper variants) does not.
-    c.data = dict(
-        dataset="shapes",
-        resolution=32,
-        data_dir="",
-        train_size=0,
-        test_size=0,
-        workers=0,
-        cache=True,
-    )
+    c.data = image_data_block(resolution=32)
     # Hard-negative captions (NegCLIP): `num` per example, each the caption with one of
     # `attributes` swapped to another value, join the image->text softmax. `shapes` only.
     c.hard_negatives = dict(num=0, attributes=("position",))

@@ -9,6 +9,7 @@ import ml_collections
 
 from unclip_jax.config import (
     diffusion_block,
+    image_data_block,
     mesh_block,
     optim_block,
     sampling_block,
@@ -84,18 +85,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.sampling.guidance_min_t = 0
     # The dataset renders (shapes) or holds images at data.resolution; they are resized to
     # model.resolution for the decoder and to the CLIP's own size for z_i.
-    # data.cache keeps each decoded example in memory after its first read, so later epochs
-    # skip the PNG decoding (`data.pipeline.MemoizedSource`); the built-in shapes splits fit
-    # in RAM, a real dataset (the paper variants) does not.
-    c.data = dict(
-        dataset="shapes",
-        resolution=32,
-        data_dir="",
-        train_size=0,
-        test_size=0,
-        workers=0,
-        cache=True,
-    )
+    c.data = image_data_block(resolution=32)
     # Sample grids of the EMA model (guided, config.sampling) on the first `num` test captions,
     # every `every` steps and at the end, to WORKDIR/samples and TensorBoard (0: never).
     c.samples = dict(every=1_000, num=8)

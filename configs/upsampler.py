@@ -9,6 +9,7 @@ import ml_collections
 
 from unclip_jax.config import (
     diffusion_block,
+    image_data_block,
     mesh_block,
     optim_block,
     sampling_block,
@@ -51,18 +52,7 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     c.diffusion = diffusion_block(schedule="cosine")
     c.sampling = sampling_block(steps="ddim27", method="ddim")
     # Images at data.resolution (= model.resolution); the low-res view is derived from them.
-    # data.cache keeps each decoded example in memory after its first read, so later epochs
-    # skip the PNG decoding (`data.pipeline.MemoizedSource`); the built-in shapes splits fit
-    # in RAM, a real dataset (the paper variants) does not.
-    c.data = dict(
-        dataset="shapes",
-        resolution=128,
-        data_dir="",
-        train_size=10_000,
-        test_size=540,
-        workers=0,
-        cache=True,
-    )
+    c.data = image_data_block(resolution=128, train_size=10_000, test_size=540)
     # Grids of [bicubic low-res | EMA sample | original] on the first `num` test images at the
     # full resolution, every `every` steps and at the end (0: never).
     c.samples = dict(every=1_000, num=4)

@@ -415,6 +415,29 @@ def train_block(
     )
 
 
+def image_data_block(
+    *, resolution: int, train_size: int = 0, test_size: int = 0, cache: bool = True
+) -> dict[str, Any]:
+    """`data.*` of the stages that train on images (CLIP, decoder, upsamplers).
+
+    dataset: "shapes" (rendered at `resolution`; train_size / test_size pick a build, 0 the
+    default 50,000 / 5,400) or "image_text" (built by `unclip-jax data build` at data_dir);
+    workers: decoding processes (0: in this one); cache: each decoded example kept in memory
+    after its first read, so the epochs after the first skip the PNG decoding
+    (`data.pipeline.MemoizedSource`): the built-in shapes splits fit in RAM, the paper's
+    datasets do not (their variants set it False).
+    """
+    return dict(
+        dataset="shapes",
+        resolution=resolution,
+        data_dir="",
+        train_size=train_size,
+        test_size=test_size,
+        workers=0,
+        cache=cache,
+    )
+
+
 def mesh_block(*, data: int = -1, fsdp: int = 1, tensor: int = 1) -> dict[str, int]:
     """`mesh.*`: device mesh axis sizes; -1 means "all the devices the others leave"."""
     return dict(data=data, fsdp=fsdp, tensor=tensor)
