@@ -18,24 +18,12 @@ import time
 
 from unclip_jax.data.pipeline import (
     MemoizedSource,
+    SourceSlice,
     image_caption,
     make_pipeline,
     open_dataset,
     upsampler_views,
 )
-
-
-class Prefix:
-    """The first `n` examples of a source."""
-
-    def __init__(self, source, n: int) -> None:
-        self.source, self.n = source, min(n, len(source))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        return self.source[index]
 
 
 def time_pipeline(source, *, batch: int, transform, workers: int, batches: int) -> float:
@@ -89,7 +77,9 @@ def main() -> None:
     for name, (data, transform) in views.items():
         sources = {"": data}
         if args.cache:
-            memo = MemoizedSource(Prefix(data, args.batch * (args.batches + 1)))
+            memo = MemoizedSource(
+                SourceSlice(data, 0, min(len(data), args.batch * (args.batches + 1)))
+            )
             for i in range(len(memo)):
                 memo[i]  # the first epoch: every example decoded once
             sources[" (cache)"] = memo

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from unclip_jax.clip import load_pretrained
 from unclip_jax.data.embeddings import shard_paths, write_embedding_shard
-from unclip_jax.data.pipeline import make_pipeline, open_dataset
+from unclip_jax.data.pipeline import SourceSlice, make_pipeline, open_dataset
 
 log = logging.getLogger("unclip_jax.embed")
 
@@ -154,7 +154,7 @@ def embed_dataset(
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
         batches = make_pipeline(
-            _Slice(source, start, stop),
+            SourceSlice(source, start, stop),
             global_batch_size=batch_size,
             transform=transform,
             shuffle=False,
@@ -195,16 +195,3 @@ def embed_dataset(
 def pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
     """`x` with its last row repeated `pad` more times."""
     return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-
-
-class _Slice:
-    """Rows [start, stop) of a random-access source."""
-
-    def __init__(self, source: Any, start: int, stop: int) -> None:
-        self.source, self.start, self.stop = source, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, index: int) -> Any:
-        return self.source[self.start + index]

@@ -39,6 +39,19 @@ class DecodedSource:
         return example
 
 
+class SourceSlice:
+    """Rows [start, stop) of a random-access source, as a source."""
+
+    def __init__(self, source: Any, start: int, stop: int) -> None:
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[self.start + index]
+
+
 class MemoizedSource:
     """A random-access source that keeps each example after its first read, so the epochs
     after the first read memory instead of decoding again (`data.cache`; for a dataset that
