@@ -86,6 +86,13 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
     # The dataset renders (shapes) or holds images at data.resolution; they are resized to
     # model.resolution for the decoder and to the CLIP's own size for z_i.
     c.data = image_data_block(resolution=32)
+    # The train split's CLIP embeddings (`unclip-jax embed` of this dataset with clip.dir's
+    # CLIP; row i is example i, checked by caption): z_i read from them rather than computed
+    # in each step by the frozen CLIP's image tower ("": computed). caption_states: with
+    # them, each distinct caption of their metadata encoded by CLIP's text tower once at the
+    # start (text_encoder "clip" only; for datasets of few distinct captions, like shapes.
+    # 2,250, not LAION's). The demo sets both: its step then runs no CLIP.
+    c.data.update(embeddings_dir="", caption_states=False)
     # Sample grids of the EMA model (guided, config.sampling) on the first `num` test captions,
     # every `every` steps and at the end, to WORKDIR/samples and TensorBoard (0: never).
     c.samples = dict(every=1_000, num=8)

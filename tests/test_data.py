@@ -12,7 +12,12 @@ import pytest
 from PIL import Image
 
 from unclip_jax.data.degradations import make_low_res
-from unclip_jax.data.embeddings import EmbeddingShardError, EmbeddingShards, write_embedding_shard
+from unclip_jax.data.embeddings import (
+    EmbeddingShardError,
+    EmbeddingShards,
+    WithImageEmbeddings,
+    write_embedding_shard,
+)
 from unclip_jax.data.image_text import build_image_text
 from unclip_jax.data.images import to_float
 from unclip_jax.data.pipeline import (
@@ -289,6 +294,23 @@ def test_embedding_shards_that_disagree_are_named(tmp_path):
         EmbeddingShards(str(tmp_path / "b"), expected_dim=512)
     with pytest.raises(EmbeddingShardError, match="does not exist"):
         EmbeddingShards(str(tmp_path / "nothing"))
+
+
+def test_examples_carry_their_rows_embedding_and_a_row_of_other_data_is_named(tmp_path):
+    _shard(tmp_path, 0, 5)
+    img1, keys1 = _shard(tmp_path, 1, 3)
+    shards = EmbeddingShards(str(tmp_path))
+    captions = [shards[i]["caption"] for i in range(8)]
+    examples = [{"image": np.zeros((2, 2, 3), np.uint8), "caption": c} for c in captions]
+    joined = WithImageEmbeddings(examples, shards)
+    assert len(joined) == 8 and joined[6]["caption"] == f"caption {keys1[1]}"
+    np.testing.assert_array_equal(joined[6]["z_i"], img1[1].astype(np.float32))
+    assert "z_i" not in examples[6]  # the source's own example is left as it was
+    examples[6] = {**examples[6], "caption": "a red circle"}
+    with pytest.raises(EmbeddingShardError, match=r"row 6 of the embeddings .* 'a red circle'"):
+        joined[6]
+    with pytest.raises(EmbeddingShardError, match="have 8 rows, the dataset 7 examples"):
+        WithImageEmbeddings(examples[:7], shards)
 
 
 # ---- the pipeline -------------------------------------------------------------------------

@@ -405,3 +405,112 @@ def test_a_self_conditioned_decoder_reads_six_channels_samples_and_refuses_inver
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     with pytest.raises(ValueError, match="inversion of a self-conditioned decoder"):
         decoder_inverter(decoder, c.diffusion, sampling)
+
+
+# --- z_i and caption states computed before training ---------------------------------------------
+
+KARLO_STYLE = {"model.text_encoder": "clip", "model.text_width": 32}
+
+
+@pytest.fixture(scope="module")
+def train_embeddings(clip_dir, data_dir, tmp_path_factory):
+    """The tiny decoder's train split embedded by its CLIP, as `unclip-jax embed` writes it
+    (float32, so the rows are the image tower's output exactly)."""
+    from unclip_jax.embed_job import embed_dataset
+
+    out = str(tmp_path_factory.mktemp("embed") / "train")
+    data = config("decoder").data
+    embed_dataset(
+        clip_dir,
+        "shapes:32",
+        out,
+        dtype="float32",
+        data_dir=data_dir,
+        train_size=data.train_size,
+        test_size=data.test_size,
+    )
+    return out
+
+
+def _precomputed(clip_dir, data_dir, embeddings, **overrides):
+    return config(
+        "decoder",
+        **{
+            "clip.dir": clip_dir,
+            "data.data_dir": data_dir,
+            "data.embeddings_dir": embeddings,
+            "data.caption_states": True,
+            **KARLO_STYLE,
+            **overrides,
+        },
+    )
+
+
+def test_precomputed_z_i_and_caption_states_train_on_the_in_step_loss(
+    clip_dir, data_dir, train_embeddings
+):
+    """z_i read from the embedding shards and the caption states from the table made at the
+    start are what the frozen CLIP computes in the step: the same batch of examples gives the
+    same loss, and the batch no longer carries CLIP pixels."""
+    base = {"clip.dir": clip_dir, "data.data_dir": data_dir, **KARLO_STYLE}
+    in_step, batch, params = _stage_and_batch(config("decoder", **base))
+    stage, precomputed, _ = _stage_and_batch(_precomputed(clip_dir, data_dir, train_embeddings))
+    assert "clip_pixels" in batch and "clip_pixels" not in precomputed
+    assert precomputed["z_i"].shape == (8, 16) and precomputed["text_states"].shape == (8, 16, 32)
+    np.testing.assert_array_equal(precomputed["image"], batch["image"])  # the same examples
+    key = jax.random.key(5)
+    want, _ = jax.jit(in_step.loss_fn)(params, batch, key, in_step.frozen)
+    got, _ = jax.jit(stage.loss_fn)(params, precomputed, key, stage.frozen)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_planned_decoder_step_reads_precomputed_conditioning(
+    clip_dir, data_dir, train_embeddings
+):
+    c = _precomputed(clip_dir, data_dir, train_embeddings)
+    clip_config = load_pretrained(clip_dir).config
+    assert_spec_is_the_stage(build_step_spec(c, clip_config), build_stage(c))
+    z_i_only = _precomputed(clip_dir, data_dir, train_embeddings, **{"data.caption_states": False})
+    assert_spec_is_the_stage(build_step_spec(z_i_only, clip_config), build_stage(z_i_only))
+
+
+def test_precomputed_conditioning_refuses_what_does_not_fit(
+    clip_dir, data_dir, train_embeddings, tmp_path
+):
+    import json
+    import shutil
+
+    from unclip_jax.data.embeddings import EmbeddingShardError
+    from unclip_jax.embed_job import embed_dataset
+
+    with pytest.raises(ConfigError, match=r"'data\.embeddings_dir' is empty"):
+        build_stage(_precomputed(clip_dir, data_dir, ""))
+    with pytest.raises(ConfigError, match=r"'model\.text_encoder' is 'transformer'"):
+        build_stage(
+            _precomputed(
+                clip_dir, data_dir, train_embeddings, **{"model.text_encoder": "transformer"}
+            )
+        )
+    with pytest.raises(EmbeddingShardError, match="no embedding shards"):
+        build_stage(_precomputed(clip_dir, data_dir, str(tmp_path / "nowhere")))
+    # Another CLIP's shards (their manifest names another) ...
+    other = tmp_path / "other"
+    shutil.copytree(train_embeddings, other)
+    manifest = json.loads((other / "embed_manifest.json").read_text())
+    (other / "embed_manifest.json").write_text(json.dumps({**manifest, "clip": "0" * 40}))
+    with pytest.raises(ConfigError, match="embedded with another CLIP"):
+        build_stage(_precomputed(clip_dir, data_dir, str(other)))
+    # ... and the test split's (54 rows for 64 train examples).
+    data = config("decoder").data
+    test = str(tmp_path / "test")
+    embed_dataset(
+        clip_dir,
+        "shapes:32",
+        test,
+        split="test",
+        data_dir=data_dir,
+        train_size=data.train_size,
+        test_size=data.test_size,
+    )
+    with pytest.raises(EmbeddingShardError, match="have 54 rows, the dataset 64 examples"):
+        build_stage(_precomputed(clip_dir, data_dir, test))

@@ -410,7 +410,7 @@ def test_shards_of_another_clip_are_refused(shards, tmp_path):
     import json
     import shutil
 
-    from unclip_jax.training.prior_stage import check_shards_come_from
+    from unclip_jax.embed_job import check_shards_come_from
 
     clip_dir, train, _ = shards
     check_shards_come_from(train, clip_dir)  # made by it: fine

@@ -185,6 +185,8 @@ ABSENT_MEANS: dict[str, Any] = {
     "model.coord_channels": False,
     "model.pixel_head": 0,
     "model.self_condition": False,
+    "data.embeddings_dir": "",
+    "data.caption_states": False,
 }
 
 

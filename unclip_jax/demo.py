@@ -168,7 +168,15 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
             "data.test_embeddings_dir": os.path.join(embed, "test"),
             "eval.every": 0,
         },
-        "decoder": {"clip.dir": clip_dir, "samples.every": 0},
+        # z_i read from the embed stage's shards rather than made by the frozen CLIP in each
+        # step (and the caption states, below, once per distinct caption): 0.0566 s a step
+        # against 0.0602 s on 2 devices (benchmarks/README.md, "The decoder's CLIP out of its
+        # step").
+        "decoder": {
+            "clip.dir": clip_dir,
+            "samples.every": 0,
+            "data.embeddings_dir": os.path.join(embed, "train"),
+        },
         "upsampler": {"samples.every": 0},
     }
     if preset == "test":  # the tiny decoder makes 16 px images: a 16 -> 32 upsampler
@@ -197,6 +205,8 @@ def stage_configs(workdir: str, preset: str, steps: Mapping[str, int]) -> dict[s
         elif stage == "upsampler":  # its own, smaller build at its own resolution
             overrides["data.data_dir"] = common["data.data_dir"]
         config = _stage_config(stage, variant, overrides)
+        if stage == "decoder":  # only a decoder on CLIP's text (not `tiny`'s) reads states
+            config.data.caption_states = config.model.text_encoder == "clip"
         # A short run must still warm up and average: warm-up at most a tenth of the steps,
         # and an EMA whose horizon (1 / (1 - decay)) is at most a tenth of them too.
         steps = counts[stage]

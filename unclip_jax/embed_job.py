@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from unclip_jax.clip import load_pretrained
-from unclip_jax.data.embeddings import shard_paths, write_embedding_shard
+from unclip_jax.config import ConfigError
+from unclip_jax.data.embeddings import EmbeddingShards, shard_paths, write_embedding_shard
 from unclip_jax.data.pipeline import SourceSlice, make_pipeline, open_dataset
 
 log = logging.getLogger("unclip_jax.embed")
@@ -90,6 +91,29 @@ def _check_manifest(out: str, manifest: dict[str, Any]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     os.replace(tmp, path)
+
+
+def open_shards(directory: str, key: str, dim: int) -> EmbeddingShards:
+    """The embedding shards of config key `key`, whose embeddings must be `dim` wide."""
+    if not directory:
+        raise ConfigError(
+            f"config key {key!r} is empty: set it to a folder of embedding shards "
+            "(`unclip-jax embed --clip CLIP --data DATA --out DIR`, or clip-retrieval's output)"
+        )
+    return EmbeddingShards(directory, expected_dim=dim)
+
+
+def check_shards_come_from(directory: str, clip_dir: str) -> None:
+    """ConfigError when shards written by `unclip-jax embed` name another CLIP than `clip.dir`
+    (the prior pairs the shards' z_i with that CLIP's text encoding, the decoder with its
+    caption states); shards without our manifest (clip-retrieval's, LAION's) cannot be checked and are trusted."""
+    manifest = read_manifest(directory)
+    if manifest and manifest.get("clip") != clip_digest(clip_dir):
+        raise ConfigError(
+            f"the shards in {directory} were embedded with another CLIP than clip.dir "
+            f"{clip_dir} (manifest digest {manifest.get('clip')}): embed them with it, or point "
+            "clip.dir at the CLIP that made them"
+        )
 
 
 def embed_dataset(

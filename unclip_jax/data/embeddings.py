@@ -233,3 +233,38 @@ class EmbeddingShards:
     def all_img_emb(self) -> np.ndarray:
         """Every image embedding, (N, D) float32 (for PCA and normalisation statistics)."""
         return np.concatenate([np.asarray(s.img_emb, np.float32) for s in self._shards])
+
+    def captions(self) -> list[str]:
+        """Every row's caption, in row order (read from the metadata, no embedding loaded)."""
+        return [caption for s in self._shards for caption in s.captions]
+
+
+class WithImageEmbeddings:
+    """A dataset source whose example i carries row i of its embedding shards as "z_i".
+
+    For a stage that would otherwise run the frozen CLIP's image tower on every batch: the
+    embedding job (`embed_job`) already wrote each example's z_i, row i for example i. Each
+    read checks that the row's caption is the example's, so shards of another dataset, split
+    or order fail at the first batch, naming the row, instead of training on wrong z_i.
+    """
+
+    def __init__(self, source: Any, shards: EmbeddingShards) -> None:
+        if len(shards) != len(source):
+            raise EmbeddingShardError(
+                f"the embeddings in {shards.directory} have {len(shards)} rows, the dataset "
+                f"{len(source)} examples: embed this dataset's split (row i is example i)"
+            )
+        self._source, self._shards = source, shards
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example, row = self._source[index], self._shards[index]
+        if str(example["caption"]) != row["caption"]:
+            raise EmbeddingShardError(
+                f"row {index} of the embeddings in {self._shards.directory} is of the caption "
+                f"{row['caption']!r}, but example {index} of the dataset has "
+                f"{str(example['caption'])!r}: they were made from different data"
+            )
+        return {**example, "z_i": row["img_emb"]}

@@ -85,9 +85,10 @@ def decoder_conditioning(
     text_tokens) and either `clip_pixels` (CLIP-preprocessed images, encoded here) or `z_i`
     (an embedding already, e.g. a prior's sample); z_i is scaled to unit norm when
     `unit_z_i`, the priors' output space, then to norm `z_i_norm` (the decoder's
-    `model.z_i_norm`: sqrt(clip_dim) gives entries of order 1, like the caption's). A decoder with its own caption transformer reads
-    `input_ids`; one on CLIP's text (Karlo's) reads the text tower's `text_embeds` and
-    `text_states`.
+    `model.z_i_norm`: sqrt(clip_dim) gives entries of order 1, like the caption's). A decoder
+    with its own caption transformer reads `input_ids`; one on CLIP's text (Karlo's) reads the
+    text tower's `text_embeds` and `text_states`, taken from `batch` when it holds them
+    (computed once per distinct caption: `decoder_stage.caption_state_table`).
     """
 
     if not z_i_norm > 0 or (z_i_norm != 1.0 and not unit_z_i):
@@ -106,6 +107,8 @@ def decoder_conditioning(
         cond = {"z_i": z_i, "text_mask": batch["text_mask"]}
         if text_encoder == "transformer":
             cond["input_ids"] = batch["input_ids"]
+        elif "text_states" in batch:
+            cond["text_embeds"], cond["text_states"] = batch["text_embeds"], batch["text_states"]
         else:
             mask = batch["text_mask"].astype(jnp.int32)
             cond["text_embeds"], cond["text_states"] = clip_model.apply(

@@ -3,7 +3,11 @@
 z_i (and, for a Karlo-style decoder, the caption's states) come from a frozen CLIP read from
 `clip.dir` (a pretrained Hugging Face CLIP or WORKDIR/clip of our own `clip` stage), computed
 inside the train step from the batch's CLIP pixels and tokens, so any image-text dataset
-trains the decoder without a separate embedding pass. Guidance training drops z_i (to the
+trains the decoder without a separate embedding pass. Where that pass was made anyway (the
+prior's shards, `unclip-jax embed`), `data.embeddings_dir` reads each example's z_i from it,
+and `data.caption_states` encodes each distinct caption once at the start (for a dataset of
+few distinct captions, like `shapes`): the step then runs no CLIP (on the `shapes` demo the
+frozen CLIP was about a tenth of the step). Guidance training drops z_i (to the
 learned null embedding) and the caption independently, at `guidance.*` rates. The EMA
 model's guided samples on fixed test captions go to WORKDIR/samples and TensorBoard.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,9 +27,11 @@ import numpy as np
 from unclip_jax import diffusion as D
 from unclip_jax.clip import PretrainedClip, example_transform, load_pretrained
 from unclip_jax.clip import abstract_params as abstract_clip_params
-from unclip_jax.config import ConfigError
+from unclip_jax.config import ABSENT_MEANS, ConfigError
+from unclip_jax.data.embeddings import WithImageEmbeddings
 from unclip_jax.data.images import resize, to_float
 from unclip_jax.data.pipeline import dataset_spec, open_dataset
+from unclip_jax.embed_job import check_shards_come_from, open_shards
 from unclip_jax.models.builders import decoder_example_inputs, decoder_from_config, init_module
 from unclip_jax.models.clip import CLIP, ClipConfig
 from unclip_jax.models.clip import init_params as init_clip_params
@@ -101,10 +107,17 @@ def check_image_size(source: Any, clip_size: int, spec: str) -> None:
         )
 
 
-def decoder_transform(clip: PretrainedClip, resolution: int, text_tokens: int) -> Any:
+def decoder_transform(
+    clip: PretrainedClip,
+    resolution: int,
+    text_tokens: int,
+    caption_states: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Any:
     """`transform(example, rng)`: an {"image", "caption"} example -> the decoder's batch row:
-    "image" float32 [-1, 1] at `resolution`, "clip_pixels" (the CLIP's preprocessing of the
-    original image), "input_ids" and "text_mask" (the CLIP tokenizer, `text_tokens` long)."""
+    "image" float32 [-1, 1] at `resolution`, "input_ids" and "text_mask" (the CLIP tokenizer,
+    `text_tokens` long), and "clip_pixels" (the CLIP's preprocessing of the original image),
+    or "z_i" where the example carries it (`data.embeddings.WithImageEmbeddings`); with
+    `caption_states` (`caption_state_table`) also the caption's "text_embeds", "text_states"."""
     clip_inputs = example_transform(
         clip.tokenizer,
         clip.config,
@@ -114,15 +127,52 @@ def decoder_transform(clip: PretrainedClip, resolution: int, text_tokens: int) -
     )
 
     def transform(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        row = clip_inputs(example, rng)
-        return {
-            "image": to_float(resize(example["image"], (resolution, resolution))),
-            "clip_pixels": row["pixels"],
-            "input_ids": row["input_ids"],
-            "text_mask": row["attention_mask"].astype(bool),
-        }
+        out = {"image": to_float(resize(example["image"], (resolution, resolution)))}
+        caption = str(example["caption"])
+        if "z_i" in example:  # no CLIP pixels to make
+            ids, mask = clip.tokenizer([caption], context_length=text_tokens)
+            out.update(z_i=np.asarray(example["z_i"], np.float32), input_ids=ids[0])
+            out["text_mask"] = mask[0].astype(bool)
+        else:
+            row = clip_inputs(example, rng)
+            out.update(clip_pixels=row["pixels"], input_ids=row["input_ids"])
+            out["text_mask"] = row["attention_mask"].astype(bool)
+        if caption_states is not None:
+            if caption not in caption_states:
+                raise KeyError(f"caption {caption!r} is not in the table of caption states")
+            out["text_embeds"], out["text_states"] = caption_states[caption]
+        return out
 
     return transform
+
+
+def caption_state_table(
+    encode: Any,
+    clip_params: Any,
+    clip: PretrainedClip,
+    captions: Sequence[str],
+    text_tokens: int,
+    batch_size: int = 256,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{caption: (text_embeds, text_states)} of each distinct caption, by the step's own
+    `encode` (`decoder_conditioning`) with the frozen `clip_params`, tokenized as
+    `decoder_transform` tokenizes: what the step would compute for it, computed once."""
+    distinct = sorted(set(captions))
+    run = jax.jit(encode)
+    table: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        ids, mask = clip.tokenizer(chunk, context_length=text_tokens)
+        # z_i is not what is asked for; a placeholder keeps the image tower out of the pass.
+        batch = {
+            "input_ids": ids,
+            "text_mask": mask.astype(bool),
+            "z_i": np.ones((len(chunk), clip.config.projection_dim), np.float32),
+        }
+        cond = jax.device_get(run(clip_params, batch))
+        for i, caption in enumerate(chunk):
+            table[caption] = (cond["text_embeds"][i], cond["text_states"][i])
+    return table
 
 
 def _sample_hook(
@@ -211,18 +261,46 @@ def _decoder_step(
 
 
 def decoder_batch_row(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> dict:
-    """ShapeDtypeStructs of one row of the decoder's batches (`decoder_transform`'s output)."""
+    """ShapeDtypeStructs of one row of the decoder's train batches (`decoder_transform`'s
+    output for the config's `data.embeddings_dir` and `data.caption_states`)."""
     res, size, tokens = (
         config.model.resolution,
         clip_config.require_vision("the decoder (z_i of its training images)").image_size,
         config.model.text_tokens,
     )
-    return {
+    row = {
         "image": jax.ShapeDtypeStruct((res, res, 3), np.float32),
-        "clip_pixels": jax.ShapeDtypeStruct((size, size, 3), np.float32),
         "input_ids": jax.ShapeDtypeStruct((tokens,), np.int32),
         "text_mask": jax.ShapeDtypeStruct((tokens,), np.bool_),
     }
+    if config.data.get("embeddings_dir", ABSENT_MEANS["data.embeddings_dir"]):
+        row["z_i"] = jax.ShapeDtypeStruct((clip_config.projection_dim,), np.float32)
+    else:
+        row["clip_pixels"] = jax.ShapeDtypeStruct((size, size, 3), np.float32)
+    if config.data.get("caption_states", ABSENT_MEANS["data.caption_states"]):
+        dtype = COMPUTE_DTYPES[config.train.compute_dtype]
+        width = clip_config.text.hidden_size
+        row["text_embeds"] = jax.ShapeDtypeStruct((clip_config.projection_dim,), dtype)
+        row["text_states"] = jax.ShapeDtypeStruct((tokens, width), dtype)
+    return row
+
+
+def check_precomputed(config: ml_collections.ConfigDict) -> None:
+    """ConfigError when `data.caption_states` is asked for where it cannot be had: its
+    captions are read from `data.embeddings_dir`, and only a decoder on CLIP's text reads
+    caption states (one with its own caption transformer trains on the tokens)."""
+    if not config.data.get("caption_states", ABSENT_MEANS["data.caption_states"]):
+        return
+    if not config.data.get("embeddings_dir", ABSENT_MEANS["data.embeddings_dir"]):
+        raise ConfigError(
+            "config key 'data.caption_states' is True but 'data.embeddings_dir' is empty: the "
+            "distinct captions are read from the embedding shards' metadata"
+        )
+    if config.model.text_encoder != "clip":
+        raise ConfigError(
+            "config key 'data.caption_states' is True but 'model.text_encoder' is "
+            f"{config.model.text_encoder!r}: only a decoder on CLIP's text reads caption states"
+        )
 
 
 def frozen_clip_layout(clip_config: ClipConfig) -> Any:
@@ -242,6 +320,7 @@ def frozen_clip_spec(clip_config: ClipConfig, dtype: Any) -> Any:
 def decoder_step_spec(config: ml_collections.ConfigDict, clip_config: ClipConfig) -> StepSpec:
     """The decoder's train step for a CLIP of `clip_config`, with no CLIP or data on disk."""
     check_clip_fits(config.model, clip_config, clip_config.text.vocab_size, "the planned CLIP")
+    check_precomputed(config)
     step = _decoder_step(config, clip_config, clip_config.text.eos_token_id)
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     return StepSpec(
@@ -259,6 +338,7 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
     del workdir
     clip = load_frozen_clip(config)
     check_clip_fits(config.model, clip.config, clip.tokenizer.vocab_size, config.clip.dir)
+    check_precomputed(config)
     dtype = COMPUTE_DTYPES[config.train.compute_dtype]
     # A host copy in the compute dtype: the loop replicates it on the mesh.
     clip_params = cast_floats(jax.device_get(clip.params), dtype)
@@ -271,14 +351,26 @@ def build_decoder_stage(config: ml_collections.ConfigDict, workdir: str | None =
         clip.config.require_vision("the decoder (z_i of its training images)").image_size,
         spec,
     )
-    transform = decoder_transform(clip, model_config["resolution"], model_config["text_tokens"])
+    resolution, text_tokens = model_config["resolution"], model_config["text_tokens"]
+    train_transform = transform = decoder_transform(clip, resolution, text_tokens)
+    embeddings_dir = config.data.get("embeddings_dir", ABSENT_MEANS["data.embeddings_dir"])
+    if embeddings_dir:
+        shards = open_shards(embeddings_dir, "data.embeddings_dir", clip.config.projection_dim)
+        check_shards_come_from(embeddings_dir, config.clip.dir)
+        train_source = WithImageEmbeddings(train_source, shards)
+        if config.data.get("caption_states", ABSENT_MEANS["data.caption_states"]):
+            table = caption_state_table(
+                step["encode"], clip_params, clip, shards.captions(), text_tokens
+            )
+            log.info("caption states of %d distinct captions computed once", len(table))
+            train_transform = decoder_transform(clip, resolution, text_tokens, table)
     hooks = []
-    if config.samples.every > 0:
+    if config.samples.every > 0:  # test captions: CLIP pixels, states computed as in sampling
         hooks.append(_sample_hook(config, step["decoder"], step["encode"], clip_params, transform))
     return Stage(
         init_params=step["init_params"],
         loss_fn=step["loss_fn"],
-        make_data=functools.partial(stage_pipeline, config, train_source, transform),
+        make_data=functools.partial(stage_pipeline, config, train_source, train_transform),
         hooks=tuple(hooks),
         frozen={"clip": clip_params},
         frozen_layout={"clip": frozen_clip_layout(clip.config)},

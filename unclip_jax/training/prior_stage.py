@@ -36,7 +36,7 @@ from unclip_jax import diffusion as D
 from unclip_jax.clip import PretrainedClip
 from unclip_jax.config import ConfigError
 from unclip_jax.data.embeddings import EmbeddingShards
-from unclip_jax.embed_job import clip_digest, read_manifest
+from unclip_jax.embed_job import check_shards_come_from, open_shards
 from unclip_jax.models.builders import init_module, prior_example_inputs, prior_from_config
 from unclip_jax.models.clip import CLIP, ClipConfig
 from unclip_jax.models.prior import (
@@ -95,16 +95,6 @@ def check_prior_fits_clip(model: Mapping[str, Any], clip_config: ClipConfig, pat
             )
 
 
-def open_shards(directory: str, key: str, dim: int) -> EmbeddingShards:
-    """The embedding shards of config key `key`, whose embeddings must be `dim` wide."""
-    if not directory:
-        raise ConfigError(
-            f"config key {key!r} is empty: set it to a folder of embedding shards "
-            "(`unclip-jax embed --clip CLIP --data DATA --out DIR`, or clip-retrieval's output)"
-        )
-    return EmbeddingShards(directory, expected_dim=dim)
-
-
 def fitted_once(
     name: str,
     fit: Callable[[], dict[str, np.ndarray]],
@@ -144,19 +134,6 @@ def fitted_once(
             "start a new workdir"
         )
     return arrays
-
-
-def check_shards_come_from(directory: str, clip_dir: str) -> None:
-    """ConfigError when shards written by `unclip-jax embed` name another CLIP than `clip.dir`
-    (the prior pairs the shards' z_i with that CLIP's text encoding); shards without our
-    manifest (clip-retrieval's, LAION's) cannot be checked and are trusted."""
-    manifest = read_manifest(directory)
-    if manifest and manifest.get("clip") != clip_digest(clip_dir):
-        raise ConfigError(
-            f"the shards in {directory} were embedded with another CLIP than clip.dir "
-            f"{clip_dir} (manifest digest {manifest.get('clip')}): embed them with it, or point "
-            "clip.dir at the CLIP that made them"
-        )
 
 
 def embedding_stats(
