@@ -6,8 +6,8 @@ inside the train step from the batch's CLIP pixels and tokens, so any image-text
 trains the decoder without a separate embedding pass. Where that pass was made anyway (the
 prior's shards, `unclip-jax embed`), `data.embeddings_dir` reads each example's z_i from it,
 and `data.caption_states` encodes each distinct caption once at the start (for a dataset of
-few distinct captions, like `shapes`): the step then runs no CLIP (on the `shapes` demo the
-frozen CLIP was about a tenth of the step). Guidance training drops z_i (to the
+few distinct captions, like `shapes`): the step then runs no CLIP (on the `shapes` demo, 2
+devices, the frozen CLIP was 6% of the step). Guidance training drops z_i (to the
 learned null embedding) and the caption independently, at `guidance.*` rates. The EMA
 model's guided samples on fixed test captions go to WORKDIR/samples and TensorBoard.
 """
