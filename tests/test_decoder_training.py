@@ -412,24 +412,29 @@ def test_a_self_conditioned_decoder_reads_six_channels_samples_and_refuses_inver
 KARLO_STYLE = {"model.text_encoder": "clip", "model.text_width": 32}
 
 
-@pytest.fixture(scope="module")
-def train_embeddings(clip_dir, data_dir, tmp_path_factory):
-    """The tiny decoder's train split embedded by its CLIP, as `unclip-jax embed` writes it
-    (float32, so the rows are the image tower's output exactly)."""
+def _embed(clip_dir, data_dir, out, split):
+    """`split` of the tiny decoder's `shapes` embedded by the CLIP at `clip_dir` into `out`, as
+    `unclip-jax embed` writes it (float32, so the rows are the image tower's output exactly)."""
     from unclip_jax.embed_job import embed_dataset
 
-    out = str(tmp_path_factory.mktemp("embed") / "train")
     data = config("decoder").data
     embed_dataset(
         clip_dir,
         "shapes:32",
         out,
+        split=split,
         dtype="float32",
         data_dir=data_dir,
         train_size=data.train_size,
         test_size=data.test_size,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def train_embeddings(clip_dir, data_dir, tmp_path_factory):
+    """The tiny decoder's train split embedded by its CLIP."""
+    return _embed(clip_dir, data_dir, str(tmp_path_factory.mktemp("embed") / "train"), "train")
 
 
 def _precomputed(clip_dir, data_dir, embeddings, **overrides):
@@ -481,7 +486,6 @@ def test_precomputed_conditioning_refuses_what_does_not_fit(
     import shutil
 
     from unclip_jax.data.embeddings import EmbeddingShardError
-    from unclip_jax.embed_job import embed_dataset
 
     with pytest.raises(ConfigError, match=r"'data\.embeddings_dir' is empty"):
         build_stage(_precomputed(clip_dir, data_dir, ""))
@@ -501,16 +505,6 @@ def test_precomputed_conditioning_refuses_what_does_not_fit(
     with pytest.raises(ConfigError, match="embedded with another CLIP"):
         build_stage(_precomputed(clip_dir, data_dir, str(other)))
     # ... and the test split's (54 rows for 64 train examples).
-    data = config("decoder").data
-    test = str(tmp_path / "test")
-    embed_dataset(
-        clip_dir,
-        "shapes:32",
-        test,
-        split="test",
-        data_dir=data_dir,
-        train_size=data.train_size,
-        test_size=data.test_size,
-    )
+    test = _embed(clip_dir, data_dir, str(tmp_path / "test"), "test")
     with pytest.raises(EmbeddingShardError, match="have 54 rows, the dataset 64 examples"):
         build_stage(_precomputed(clip_dir, data_dir, test))

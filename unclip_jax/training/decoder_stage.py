@@ -159,6 +159,7 @@ def caption_state_table(
     `decoder_transform` tokenizes: what the step would compute for it, computed once."""
     distinct = sorted(set(captions))
     run = jax.jit(encode)
+    clip_params = jax.device_put(clip_params)  # once, not with every chunk
     table: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start : start + batch_size]
