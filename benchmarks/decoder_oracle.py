@@ -11,16 +11,21 @@ JSON line of accuracies.
         --data-dir DEMO/data [--num 96] [--set guidance_scale=5 --set steps=50 ...]
 
 `--set` changes one decoder sampling setting (config.sampling keys); the default sampler is
-the demo's (DDIM, 25 steps). `--ablate` asks which conditioning the decoder reads: `caption`
-decodes from z_i alone, `z_i` from the caption alone (z_i replaced by the learned null
-embedding, as guidance training drops it), `shuffle_z_i` gives each prompt another test
-image's z_i (fixed permutation), so the scores say what the caption alone still steers.
+DDIM, 25 steps, at the decoder config's guidance (the demo's is `--set steps=2,2,2,4 --set
+guidance_scale=1.75`, `demo.SAMPLING`). `--ablate` asks which conditioning the decoder
+reads: `caption` decodes from z_i alone, `z_i` from the caption alone (z_i replaced by the
+learned null embedding, as guidance training drops it), `shuffle_z_i` gives each prompt
+another test image's z_i (fixed permutation), so the scores say what the caption alone
+still steers.
 `--x0-at T` reads, instead of samples, the decoder's one-step x0 estimate from the test images
 themselves noised to training timestep T (guided as the sampler is; `Cascade.predict_x0`),
 and `--x0-at T --noisy` the noised image x_t / sqrt(abar_t) itself (no model): where in t the
 decoder's drawing goes wrong, and whether it denoises better than the noisy input reads.
-`--save PNG` writes the images read, grouped by the prompt's size and shape, each captioned
-with its prompt and what was read wrong.
+`--repeats K` samples every prompt K times (noise seeds seed, ..., seed + K - 1) and reports
+each repeat's all-five rate beside the scores over all K: the sampling noise of one figure,
+to weigh against the spread between decoders trained with other seeds.
+`--save PNG` writes the (first repeat's) images read, grouped by the prompt's size and shape,
+each captioned with its prompt and what was read wrong.
 """
 
 from __future__ import annotations
@@ -115,8 +120,17 @@ def main() -> None:
         action="store_true",
         help="with --x0-at: read x_T / sqrt(abar_T), the noised images themselves",
     )
-    p.add_argument("--save", metavar="PNG", help="write the images read as a captioned grid")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="sample every prompt this many times (noise seeds seed, seed + 1, ...); the scores "
+        "are over all samples, with each repeat's all-five rate beside them",
+    )
+    p.add_argument("--save", metavar="PNG", help="write the first repeat's images as a grid")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.noisy and args.x0_at is None:
         p.error("--noisy reads the images noised by --x0-at T: give --x0-at")
     settings = {"decoder": {"method": "ddim", "steps": "25"}}
@@ -129,7 +143,6 @@ def main() -> None:
     inputs = cascade.image_inputs([np.asarray(e["image"]) for e in examples])
     z_i = cascade.image_embeddings(cascade.put(inputs["clip_pixels"]))
     tokens = cascade.put(cascade.tokenize([str(e["caption"]) for e in examples]))
-    keys = jax.random.split(jax.random.key(args.seed), len(examples))
     rows = len(examples)
     if args.ablate == "shuffle_z_i":
         # A permutation without fixed points: every prompt gets another image's z_i.
@@ -138,25 +151,36 @@ def main() -> None:
     drop = {"caption": "drop_text", "z_i": "drop_image"}.get(args.ablate)
     dropped = {drop: cascade.put(np.ones(rows, bool))} if drop else {}
     cond = cascade.decoder_cond(z_i, tokens, **dropped)
-    if args.x0_at is None:
-        images = np.asarray(cascade.decode(cond, keys))
-    else:
-        t = np.full(rows, args.x0_at, np.int32)
-        x0 = cascade.put(inputs["x0"])
-        if args.noisy:
-            images = np.asarray(noised(cascade, x0, t, keys))
-        else:
-            images = np.asarray(cascade.predict_x0(cond, x0, cascade.put(t), keys))
-    pictures = [to_uint8(im) for im in images]
     labels = [e["labels"] for e in examples]
-    read = [read_shapes_image(picture) for picture in pictures]  # once, for every figure below
-    scores = label_accuracy(stack_labels(read), stack_labels(labels))
-    if args.save:
-        save_grid(args.save, pictures, read, examples)
+    read, hits = [], []
+    for repeat in range(args.repeats):
+        # Repeat r draws every image's noise from seed + r: a fresh sample of each prompt.
+        keys = jax.random.split(jax.random.key(args.seed + repeat), rows)
+        if args.x0_at is None:
+            images = np.asarray(cascade.decode(cond, keys))
+        else:
+            t = np.full(rows, args.x0_at, np.int32)
+            x0 = cascade.put(inputs["x0"])
+            if args.noisy:
+                images = np.asarray(noised(cascade, x0, t, keys))
+            else:
+                images = np.asarray(cascade.predict_x0(cond, x0, cascade.put(t), keys))
+        pictures = [to_uint8(im) for im in images]
+        read_now = [read_shapes_image(picture) for picture in pictures]  # once, for all below
+        if args.save and repeat == 0:
+            save_grid(args.save, pictures, read_now, examples)
+        hits.append(label_accuracy(stack_labels(read_now), stack_labels(labels))["all_attributes"])
+        read += read_now
+    scores = label_accuracy(stack_labels(read), stack_labels(labels * args.repeats))
     result = {k: round(v, 3) for k, v in scores.items()}
+    if args.repeats > 1:
+        # The spread of the repeats is the sampling noise of one figure; compare it with the
+        # spread between decoders (train seeds) before calling a decoder better.
+        result["all_attributes_by_repeat"] = [round(h, 3) for h in hits]
     result.update(
-        shape_by_kind=shape_by_kind(read, labels),
+        shape_by_kind=shape_by_kind(read, labels * args.repeats),
         num=len(examples),
+        repeats=args.repeats,
         ablate=args.ablate,
         x0_at=args.x0_at,
         noisy=args.noisy,
