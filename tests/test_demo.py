@@ -68,10 +68,13 @@ def test_the_full_and_quick_presets_build_valid_configs_with_quarter_crops(tmp_p
 
 def test_a_demo_stage_asks_for_its_cpu_devices_unless_the_user_chose_a_count(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    _set_cpu_xla_flags("decoder", cpu_devices=2)
+    _set_cpu_xla_flags("decoder", cpu_devices=2, stage_flags=False)  # as the demo asks
     flags = os.environ["XLA_FLAGS"].split()
-    assert "--xla_force_host_platform_device_count=2" in flags
-    assert "--xla_dump_to=/tmp/x" in flags and "--xla_cpu_experimental_ynn_fusion_type=" in flags
+    assert flags == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=2"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    _set_cpu_xla_flags("decoder")  # as `unclip-jax train` asks: the stage's CPU_XLA_FLAGS
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags == ["--xla_dump_to=/tmp/x", "--xla_cpu_experimental_ynn_fusion_type="]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     _set_cpu_xla_flags("clip", cpu_devices=2)
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"

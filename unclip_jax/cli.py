@@ -117,15 +117,20 @@ CPU_XLA_FLAGS: dict[str, tuple[str, ...]] = {
     "upsampler": ("--xla_cpu_experimental_ynn_fusion_type=",),
     "sample": ("--xla_cpu_experimental_ynn_fusion_type=",),  # the cascade's time is U-Nets'
 }
+# Not for the demo's stages: its small U-Nets, on one CPU device per core, run faster WITH
+# YNNPACK's fusions (jaxlib 0.10.2's default). Interleaved 700-step runs of the demo's own
+# configs on 2 devices: the decoder 17.2 and 17.1 steps/s against 11.5 and 12.8 with them
+# off, the upsampler 8.5 and 8.4 against 5.5 and 5.9; its sampling 0.93x the time
+# (benchmarks/README.md, "The caption dropped less").
 
 
-def _set_cpu_xla_flags(stage: str, cpu_devices: int = 1) -> None:
-    """Puts the stage's CPU_XLA_FLAGS in XLA_FLAGS (before JAX starts) and, where
-    `cpu_devices` > 1, asks for that many CPU devices instead of JAX's one."""
+def _set_cpu_xla_flags(stage: str, cpu_devices: int = 1, *, stage_flags: bool = True) -> None:
+    """Puts the stage's CPU_XLA_FLAGS (unless `stage_flags` is False) in XLA_FLAGS (before JAX
+    starts) and, where `cpu_devices` > 1, asks for that many CPU devices instead of JAX's one."""
     import os
 
     flags = os.environ.get("XLA_FLAGS", "")
-    wanted = CPU_XLA_FLAGS.get(stage, ())
+    wanted = CPU_XLA_FLAGS.get(stage, ()) if stage_flags else ()
     if cpu_devices > 1:
         wanted += (f"--xla_force_host_platform_device_count={cpu_devices}",)
     for flag in wanted:
@@ -734,9 +739,10 @@ def _run_demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             run_demo(args.workdir, preset=preset, steps=steps, num_prompts=args.num_prompts)
             return 0
-        # One stage, in the process the demo started for it: its XLA flags before JAX starts,
-        # its log in a file (the terminal keeps the progress bar).
-        _set_cpu_xla_flags(args.stage, cpu_devices=demo_cpu_devices(args.stage))
+        # One stage, in the process the demo started for it: its CPU devices before JAX
+        # starts (not CPU_XLA_FLAGS: see there), its log in a file (the terminal keeps the
+        # progress bar).
+        _set_cpu_xla_flags(args.stage, cpu_devices=demo_cpu_devices(args.stage), stage_flags=False)
         log_dir = os.path.join(args.workdir, "logs")
         os.makedirs(log_dir, exist_ok=True)
         logging.basicConfig(
