@@ -1,6 +1,7 @@
 """The `shapes` decoder's train step on 1, 2, ... XLA CPU devices (data parallel) in one process.
 
-    python benchmarks/cpu_devices.py [--devices 1 2 4] [--batch 16] [--repeats 20] [--rounds 2]
+    python benchmarks/cpu_devices.py [--devices 1 2 4] [--ynn off on] [--batch 16] [--repeats 20]
+        [--rounds 2]
 
 JAX gives a CPU one device; `--xla_force_host_platform_device_count=N` gives N, and a batch
 sharded over them runs each device's half (third, ...) on its own thread. The demo runs every
@@ -8,8 +9,10 @@ stage on one device per core (`demo.demo_cpu_devices`); this measures why. Each 
 runs in a child process of its own (the flag is read when JAX starts), in interleaved rounds,
 each timing the decoder of `configs/decoder.py:VARIANT` (random weights and inputs, forward,
 the v-MSE, backward and an Adam update, one `jax.jit` with the batch sharded over a `data`
-mesh axis and the params replicated). The last line is JSON:
-    {"task": "cpu_devices", "s_per_step": {"1": ..., "2": ...}, "speedup": {"2": t1 / t2, ...}}
+mesh axis and the params replicated). `--ynn` times each count with XLA's YNNPACK fusions
+off (`--xla_cpu_experimental_ynn_fusion_type=`, `cli.CPU_XLA_FLAGS`), on (jaxlib's default)
+or both. The last line is JSON, keyed "DEVICES ynn-MODE", speedups against the first key:
+    {"task": "cpu_devices", "s_per_step": {"1 ynn-off": ..., ...}, "speedup": {...}}
 """
 
 from __future__ import annotations
@@ -88,6 +91,13 @@ def child(devices: int, config: str, batch: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument(
+        "--ynn",
+        nargs="+",
+        choices=("off", "on"),
+        default=["off"],
+        help="XLA's YNNPACK fusions off (the U-Net stages' CPU_XLA_FLAGS), on (the default)",
+    )
     parser.add_argument("--config", default="shapes", help="configs/decoder.py variant")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
@@ -97,17 +107,16 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.config, args.batch, args.repeats)))
         return
-    seconds: dict[int, list[float]] = {n: [] for n in args.devices}
+    arms = [(n, ynn) for n in args.devices for ynn in args.ynn]
+    seconds: dict[str, list[float]] = {f"{n} ynn-{ynn}": [] for n, ynn in arms}
     for r in range(args.rounds):
-        for n in args.devices:
+        for n, ynn in arms:
             if args.batch % n:
                 raise SystemExit(f"--batch {args.batch} does not split over {n} devices")
             env = dict(os.environ)
-            # The decoder stage's own CPU flag (cli.CPU_XLA_FLAGS) and the device count.
-            env["XLA_FLAGS"] = (
-                f"--xla_cpu_experimental_ynn_fusion_type= "
-                f"--xla_force_host_platform_device_count={n}"
-            )
+            # The device count, and YNNPACK's fusions off as cli.CPU_XLA_FLAGS turns them off.
+            off = "--xla_cpu_experimental_ynn_fusion_type= " if ynn == "off" else ""
+            env["XLA_FLAGS"] = f"{off}--xla_force_host_platform_device_count={n}"
             command = [sys.executable, __file__, "--child", str(n), "--config", args.config]
             out = subprocess.run(
                 [*command, "--batch", str(args.batch), "--repeats", str(args.repeats)],
@@ -116,21 +125,18 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            seconds[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(
-            f"round {r}: "
-            + ", ".join(f"{n} devices {v[-1]:.4f} s/step" for n, v in seconds.items())
-        )
+            seconds[f"{n} ynn-{ynn}"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"round {r}: " + ", ".join(f"{k}: {v[-1]:.4f} s/step" for k, v in seconds.items()))
     median = {n: statistics.median(v) for n, v in seconds.items()}
-    base = median[args.devices[0]]
+    base = median[next(iter(median))]
     print(
         json.dumps(
             {
                 "task": "cpu_devices",
                 "config": args.config,
                 "batch": args.batch,
-                "s_per_step": {str(n): round(s, 5) for n, s in median.items()},
-                "speedup": {str(n): round(base / s, 3) for n, s in median.items()},
+                "s_per_step": {k: round(s, 5) for k, s in median.items()},
+                "speedup": {k: round(base / s, 3) for k, s in median.items()},
             }
         )
     )
