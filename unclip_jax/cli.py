@@ -118,10 +118,10 @@ CPU_XLA_FLAGS: dict[str, tuple[str, ...]] = {
     "sample": ("--xla_cpu_experimental_ynn_fusion_type=",),  # the cascade's time is U-Nets'
 }
 # Not for the demo's stages: its small U-Nets, on one CPU device per core, run faster WITH
-# YNNPACK's fusions (jaxlib 0.10.2's default). Interleaved 700-step runs of the demo's own
-# configs on 2 devices: the decoder 17.2 and 17.1 steps/s against 11.5 and 12.8 with them
-# off, the upsampler 8.5 and 8.4 against 5.5 and 5.9; its sampling 0.93x the time
-# (benchmarks/README.md, "The caption dropped less").
+# YNNPACK's fusions (jaxlib 0.10.2's default): the `shapes` decoder's step on 2 devices
+# 0.0336 s against 0.0481 s with them off (`benchmarks/cpu_devices.py --ynn off on`); in the
+# demo's loops on 2 devices, the decoder 17.1-17.2 steps/s against 11.5-12.8, the upsampler
+# 8.4-8.5 against 5.5-5.9 (benchmarks/README.md, "The caption dropped less").
 
 
 def _set_cpu_xla_flags(stage: str, cpu_devices: int = 1, *, stage_flags: bool = True) -> None:

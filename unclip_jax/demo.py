@@ -70,7 +70,9 @@ class Preset:
 # 8,000): given the true z_i it drew all five right for 0.858 of 450 seen-pair prompts against
 # 0.778-0.796 (small squares 0.43 against 0.16-0.24); 16,000 read 0.898 (small squares 0.51)
 # but took the demo over 30 minutes on a fast day (benchmarks/README.md, "The decoder's
-# length, again", and "One CPU device per core, and the decoded examples kept").
+# length, again", and "One CPU device per core, and the decoded examples kept"). With
+# YNNPACK's fusions on (cli.py) 12,000 steps take 675 s and the demo 21 minutes; the slack is
+# left to the machine's slow hours (up to 1.3x), not spent on steps.
 PRESETS: dict[str, Preset] = {
     "full": Preset({"clip": 1_200, "prior": 600, "decoder": 12_000, "upsampler": 1_000}),
     # --quick checks that every stage runs (its samples get the background right and little
@@ -361,10 +363,11 @@ def run_demo(
 ) -> dict[str, Any]:
     """Runs (or resumes) every stage of the demo and returns the evaluation's scores.
 
-    Each stage runs in a process of its own (`unclip-jax demo --stage NAME`), which sets the
-    XLA CPU flags measured fastest for that stage (`cli.CPU_XLA_FLAGS`: YNNPACK fusions off
-    for the U-Nets, on for the transformers) and logs to WORKDIR/logs/NAME.log; the
-    terminal shows one progress bar per stage. Wall times go to WORKDIR/timings.json."""
+    Each stage runs in a process of its own (`unclip-jax demo --stage NAME`), which asks for
+    the stage's CPU devices before JAX starts (`demo_cpu_devices`; XLA's other CPU flags at
+    their defaults, measured fastest for the demo's models: `cli.CPU_XLA_FLAGS`) and logs to
+    WORKDIR/logs/NAME.log; the terminal shows one progress bar per stage. Wall times go to
+    WORKDIR/timings.json."""
     from unclip_jax.evaluation.runner import format_scores
 
     steps = dict(steps or {})
