@@ -188,8 +188,9 @@ def get_config(arg: str = "shapes") -> ml_collections.ConfigDict:
         # the shape, which z_i tells apart least (small squares from circles), and the sampler
         # guides on both, so more of the run trains on both. The demo's 12,000 steps, given
         # the true z_i, its sampler (`demo.SAMPLING`), two draws of 450 seen-pair prompts:
-        # all five right 0.934 against 0.909 (train seed 0) and 0.901 against 0.853 (seed 1);
-        # small squares 0.76 against 0.59 (benchmarks/README.md, "The caption dropped less").
+        # all five right 0.934, 0.901 and 0.926 against 0.909, 0.853 and 0.864 (train seeds
+        # 0, 1, 2); small squares 0.61-0.76 against 0.47-0.59 (benchmarks/README.md, "The
+        # caption dropped less").
         c.guidance.text_drop_prob = 0.2
     elif arg == "tiny":
         c.model.update(
