@@ -152,19 +152,19 @@ def main() -> None:
     dropped = {drop: cascade.put(np.ones(rows, bool))} if drop else {}
     cond = cascade.decoder_cond(z_i, tokens, **dropped)
     labels = [e["labels"] for e in examples]
+    if args.x0_at is not None:  # the test images and their t, on the devices once
+        t = np.full(rows, args.x0_at, np.int32)
+        x0 = cascade.put(inputs["x0"])
     read, hits = [], []
     for repeat in range(args.repeats):
         # Repeat r draws every image's noise from seed + r: a fresh sample of each prompt.
         keys = jax.random.split(jax.random.key(args.seed + repeat), rows)
         if args.x0_at is None:
             images = np.asarray(cascade.decode(cond, keys))
+        elif args.noisy:
+            images = np.asarray(noised(cascade, x0, t, keys))
         else:
-            t = np.full(rows, args.x0_at, np.int32)
-            x0 = cascade.put(inputs["x0"])
-            if args.noisy:
-                images = np.asarray(noised(cascade, x0, t, keys))
-            else:
-                images = np.asarray(cascade.predict_x0(cond, x0, cascade.put(t), keys))
+            images = np.asarray(cascade.predict_x0(cond, x0, cascade.put(t), keys))
         pictures = [to_uint8(im) for im in images]
         read_now = [read_shapes_image(picture) for picture in pictures]  # once, for all below
         if args.save and repeat == 0:
